@@ -1,0 +1,135 @@
+"""``erasekit`` command line: inspect packs, calibrate concepts, run the demo and benchmarks.
+
+Subcommands whose capability is not built yet say so and exit non-zero rather than pretend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from erasekit import __version__
+from erasekit.errors import ErasekitError
+
+#: ``erasekit bench NAME`` runs ``python -m benchmarks.<module>`` from the source checkout.
+BENCHMARKS = {
+    "llm": "llm_unlearning",
+    "vllm": "vllm_overhead",
+    "diffusion-world": "diffusion_world",
+    "diffusion": "diffusion_erasure",
+    "soak": "soak",
+}
+#: ``erasekit calibrate --method M`` is implemented by ``<module>.calibrate_main(args)``.
+CALIBRATORS = {
+    "mllmeraser": "erasekit.integrations.transformers_calibrate",
+    "kif": "erasekit.integrations.transformers_calibrate",
+    "cgce": "erasekit.integrations.diffusers_calibrate",
+    "irece": "erasekit.integrations.diffusers_calibrate",
+}
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from erasekit.guardrails.pack import ConceptPack
+
+    pack = ConceptPack.from_pretrained(args.pack)
+    print(json.dumps(pack.manifest_summary(), indent=2, sort_keys=True))
+    print(f"\nOK: {args.pack} is a valid {pack.method} pack for concept {pack.name!r}.", file=sys.stderr)
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    module_name = CALIBRATORS[args.method]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise
+        print(f"erasekit calibrate --method {args.method}: not built yet ({module_name} is missing).", file=sys.stderr)
+        return 2
+    return int(module.calibrate_main(args) or 0)
+
+
+def _repo_root() -> Path | None:
+    for base in (Path.cwd(), Path(__file__).resolve().parent.parent):
+        if (base / "benchmarks" / "__init__.py").is_file():
+            return base
+    return None
+
+
+def _cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
+    module = BENCHMARKS[args.name]
+    root = _repo_root()
+    if root is None:
+        print("erasekit bench: the benchmarks ship with the source checkout; run this from the repo.", file=sys.stderr)
+        return 2
+    if not (root / "benchmarks" / module).exists() and not (root / "benchmarks" / f"{module}.py").exists():
+        print(f"erasekit bench {args.name}: not built yet (benchmarks/{module} is missing).", file=sys.stderr)
+        return 2
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    return subprocess.call([sys.executable, "-m", f"benchmarks.{module}", *extra], cwd=root, env=env)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from erasekit.demo import run_demo
+
+    return run_demo(out_dir=Path(args.out), sections=args.only)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="erasekit",
+        description="Inference-time concept erasure for Diffusers, transformers and vLLM.",
+        epilog="Docs and the two set-up commands: README.md.",
+    )
+    parser.add_argument("--version", action="version", version=f"erasekit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    info = sub.add_parser("info", help="print a pack's manifest and validate it")
+    info.add_argument("pack", help="path to a pack directory")
+    info.set_defaults(func=_cmd_info)
+
+    cal = sub.add_parser("calibrate", help="calibrate a concept pack for a model")
+    cal.add_argument("--model", required=True, help="model directory (HF format) or diffusers pipeline directory")
+    cal.add_argument("--concept", required=True, help="concept name, e.g. harry_potter")
+    cal.add_argument("--forget", required=True, help="text file, one prompt per line, that elicits the concept")
+    cal.add_argument("--retain", required=True, help="text file, one prompt per line, that must keep working")
+    cal.add_argument("--method", required=True, choices=sorted(CALIBRATORS))
+    cal.add_argument("--keywords", default="", help="comma-separated keywords for the router (kif)")
+    cal.add_argument("--target", default=None, help="refusal text (LLM) or anchor prompt (diffusion)")
+    cal.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a method hyperparameter (JSON value), repeatable")
+    cal.add_argument("-o", "--output", required=True, help="pack directory to write")
+    cal.set_defaults(func=_cmd_calibrate)
+
+    demo = sub.add_parser("demo", help="run the end-to-end demo and write a markdown report")
+    demo.add_argument("--out", default="demo_out", help="folder for the report and images")
+    demo.add_argument("--only", action="append", default=None, help="run only this section (repeatable)")
+    demo.set_defaults(func=_cmd_demo)
+
+    bench = sub.add_parser("bench", help="run a benchmark (extra arguments go to the benchmark)")
+    bench.add_argument("name", choices=sorted(BENCHMARKS))
+    bench.set_defaults(func=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        if args.command == "bench":
+            return _cmd_bench(args, extra)
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return args.func(args)
+    except ErasekitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Where hooks attach in diffusers, transformers and vLLM. Knows frameworks, not methods."""

@@ -1,0 +1,122 @@
+"""The one residual-stream hook abstraction every LLM method is an instance of.
+
+Frameworks differ in how they lay out a batch: transformers hands a decoder layer a padded
+``[B, T, d]`` tensor, vLLM a flat ``[N, d]`` tensor of the tokens scheduled this step. Methods
+should not care, so they see a flat ``[N, d]`` view plus a :class:`TokenLayout` that says which
+sequence each row belongs to and where each sequence's last token is.
+
+Contract of :meth:`ResidualEdit.edit`:
+
+* ``hidden`` is the *full* residual stream at the output of decoder layer ``layer`` (vLLM
+  adapters pass ``hidden + residual``), one row per token.
+* ``rows`` is a ``[N]`` bool mask of the token rows this concept is active for (the request
+  toggled it and, where the method has a router, the router fired). Rows outside it must come
+  back bit-identical; adapters only call ``edit`` when at least one row is active, so benign
+  batches never reach this code at all.
+* The method returns a new tensor (never edits ``hidden`` in place: frameworks may keep it).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+
+class Phase(str, Enum):
+    """Prefill processes the prompt; decode processes one generated token per sequence."""
+
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where each sequence's tokens sit in a flat ``[N, d]`` hidden tensor.
+
+    Attributes:
+        seq_index: ``[N]`` int64, sequence of each row; ``-1`` marks padding rows.
+        last_index: ``[B]`` int64, row of each sequence's last token in this chunk.
+    """
+
+    seq_index: torch.Tensor
+    last_index: torch.Tensor
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.last_index.shape[0])
+
+    @classmethod
+    def from_query_start_loc(cls, query_start_loc: torch.Tensor) -> TokenLayout:
+        """vLLM layout: sequence ``i`` owns rows ``qsl[i]:qsl[i+1]``."""
+        qsl = query_start_loc.to(torch.int64)
+        lengths = qsl[1:] - qsl[:-1]
+        seqs = torch.arange(lengths.shape[0], device=qsl.device)
+        return cls(seq_index=torch.repeat_interleave(seqs, lengths), last_index=qsl[1:] - 1)
+
+    @classmethod
+    def from_attention_mask(cls, attention_mask: torch.Tensor) -> TokenLayout:
+        """transformers layout: a padded ``[B, T]`` batch flattened to ``B*T`` rows.
+
+        Works for left and right padding: the last token of a row is its last unmasked one.
+        """
+        mask = attention_mask.to(torch.bool)
+        batch, length = mask.shape
+        seqs = torch.arange(batch, device=mask.device).unsqueeze(1).expand(batch, length)
+        seq_index = torch.where(mask, seqs, torch.full_like(seqs, -1)).reshape(-1)
+        positions = torch.arange(length, device=mask.device).expand(batch, length)
+        last_in_row = torch.where(mask, positions, torch.full_like(positions, -1)).amax(dim=1).clamp_min(0)
+        last_index = torch.arange(batch, device=mask.device) * length + last_in_row
+        return cls(seq_index=seq_index, last_index=last_index)
+
+    def rows_for(self, seq_active: torch.Tensor) -> torch.Tensor:
+        """Expand a ``[B]`` bool mask of active sequences to a ``[N]`` bool mask of rows."""
+        padded = torch.cat([seq_active.to(torch.bool), seq_active.new_zeros(1, dtype=torch.bool)])
+        return padded[self.seq_index]  # index -1 hits the trailing False: padding is never active
+
+
+class ResidualEdit(ABC):
+    """One calibrated concept's edit of the residual stream.
+
+    Subclasses set ``concept``, ``layers`` (decoder-layer indices whose *output* they edit)
+    and ``phases``; they implement :meth:`edit`. Stateless across calls: per-request state
+    belongs to the adapter, so requests never see each other's state.
+    """
+
+    concept: str
+    layers: tuple[int, ...]
+    phases: frozenset[Phase] = frozenset({Phase.PREFILL, Phase.DECODE})
+
+    @abstractmethod
+    def edit(
+        self, layer: int, hidden: torch.Tensor, layout: TokenLayout, rows: torch.Tensor, phase: Phase
+    ) -> torch.Tensor:
+        """Return the edited ``[N, d]`` residual stream (see the module docstring)."""
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> ResidualEdit:
+        """Move calibrated tensors; subclasses with tensors override this."""
+        return self
+
+
+def masked_add(hidden: torch.Tensor, rows: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``hidden + delta`` on ``rows`` only; other rows come back bit-identical."""
+    return torch.where(rows.unsqueeze(-1), hidden + delta.to(hidden.dtype), hidden)
+
+
+class AddVector(ResidualEdit):
+    """The simplest edit: add a constant vector (CAA / control vectors). Used for plumbing tests."""
+
+    def __init__(self, concept: str, vectors: dict[int, torch.Tensor], phases: frozenset[Phase] | None = None):
+        self.concept = concept
+        self.vectors = dict(vectors)
+        self.layers = tuple(sorted(self.vectors))
+        if phases is not None:
+            self.phases = phases
+
+    def edit(self, layer, hidden, layout, rows, phase):  # noqa: D102 - documented on the base class
+        return masked_add(hidden, rows, self.vectors[layer])
+
+    def to(self, device, dtype=None):
+        return AddVector(self.concept, {k: v.to(device, dtype or v.dtype) for k, v in self.vectors.items()}, self.phases)
