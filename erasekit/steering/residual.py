@@ -20,12 +20,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 import torch
 
 
-class Phase(str, Enum):
+class Phase(StrEnum):
     """Prefill processes the prompt; decode processes one generated token per sequence."""
 
     PREFILL = "prefill"
