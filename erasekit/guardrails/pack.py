@@ -336,8 +336,8 @@ def _load_tensors(blob: bytes, manifest: dict[str, Any], root: Path) -> dict[str
     for name, spec in specs.items():
         if not isinstance(spec, dict) or set(spec) != {"dtype", "shape"}:
             raise PackError(mwhere, f"tensors.{name}", "expected {'dtype': str, 'shape': [int, ...]}", "re-calibrate the pack")
-        if spec["dtype"] not in _DTYPES:
-            raise PackError(mwhere, f"tensors.{name}.dtype", f"unsupported dtype {spec['dtype']!r}",
+        if not isinstance(spec["dtype"], str) or spec["dtype"] not in _DTYPES:
+            raise PackError(mwhere, f"tensors.{name}.dtype", f"unsupported dtype {str(spec['dtype'])[:40]!r}",
                             f"use one of {sorted(_DTYPES)}")
         shape = spec["shape"]
         if (not isinstance(shape, list) or len(shape) > 8
