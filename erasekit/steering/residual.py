@@ -19,10 +19,15 @@ Contract of :meth:`ResidualEdit.edit`:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from erasekit.guardrails.pack import ConceptPack
 
 
 class Phase(StrEnum):
@@ -120,3 +125,29 @@ class AddVector(ResidualEdit):
 
     def to(self, device, dtype=None):
         return AddVector(self.concept, {k: v.to(device, dtype or v.dtype) for k, v in self.vectors.items()}, self.phases)
+
+
+# ---------------------------------------------------------------------------- pack -> edit
+#: method name -> factory building that method's :class:`ResidualEdit` from a validated pack.
+#: Method modules register here at import (next to ``register_method``), so framework adapters
+#: (transformers, vLLM) turn any LLM pack into an edit without knowing which method it is.
+_EDIT_FACTORIES: dict[str, Callable[[ConceptPack], ResidualEdit]] = {}
+
+
+def register_edit_factory(method: str, factory: Callable[[ConceptPack], ResidualEdit]) -> None:
+    """Declare how a method's packs become residual edits (call at module import)."""
+    _EDIT_FACTORIES[method] = factory
+
+
+def edit_from_pack(pack: ConceptPack) -> ResidualEdit:
+    """Build the residual edit of any LLM-family pack (imports the method module on demand)."""
+    from erasekit.errors import PackError
+    from erasekit.guardrails.methods import get_method
+
+    where = str(pack.source or f"pack {pack.name!r}")
+    spec = get_method(pack.method, where=where)
+    factory = _EDIT_FACTORIES.get(pack.method)
+    if spec.family != "llm" or factory is None:
+        raise PackError(where, "method", f"method {pack.method!r} is not a residual-stream (LLM) method",
+                        "attach this pack to the framework it was calibrated for (e.g. a diffusers pipeline)")
+    return factory(pack)
