@@ -1,0 +1,71 @@
+"""Fit the CGCE detector with scikit-learn and run its ONNX export with onnxruntime.
+
+Fitting is plain scikit-learn (a pipeline of concept-attention pooling, standardisation and
+L2 logistic regression, trained with BCE on safe/unsafe prompt embeddings); inference in the
+guard uses the ONNX graph, so a pack's detector runs the same everywhere and needs no pickle.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+
+from erasekit.classifiers.features import ConceptAttentionPool
+from erasekit.classifiers.onnx_export import INPUT_NAME
+from erasekit.errors import PackError
+
+
+def fit_detector(
+    unsafe: np.ndarray,
+    safe: np.ndarray,
+    concept: np.ndarray,
+    *,
+    tau: float = 0.1,
+    C: float = 1.0,
+    seed: int = 0,
+) -> Pipeline:
+    """Fit the detector on conditioning tensors ``[N, T, D]`` with (unsafe=1) and without (safe=0) the concept."""
+    if unsafe.ndim != 3 or safe.ndim != 3 or unsafe.shape[1:] != safe.shape[1:]:
+        raise ValueError(f"unsafe {unsafe.shape} and safe {safe.shape} must both be [N, T, D] with equal T, D")
+    _, t, d = unsafe.shape
+    x = np.concatenate([unsafe, safe]).reshape(len(unsafe) + len(safe), t * d).astype(np.float32)
+    y = np.concatenate([np.ones(len(unsafe)), np.zeros(len(safe))]).astype(np.int64)
+    detector = Pipeline([
+        ("pool", ConceptAttentionPool(concept=concept, seq_len=t, tau=tau)),
+        ("scale", StandardScaler()),
+        ("clf", LogisticRegression(C=C, max_iter=2000, random_state=seed)),
+    ])
+    return detector.fit(x, y)
+
+
+class OnnxDetector:
+    """An onnxruntime session over a pack's ``classifier.onnx``; returns P(unsafe) per prompt.
+
+    One single-threaded session per detector: detection is a few small matmuls, and on a
+    shared CPU extra intra-op threads cost more in wake-ups than they save. Sessions are safe
+    to call from several threads.
+    """
+
+    def __init__(self, onnx_bytes: bytes, seq_len: int, dim: int, where: str = "classifier.onnx") -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types for bad graphs
+            raise PackError(where, None, f"onnxruntime cannot load the classifier ({str(exc)[:160]})",
+                            "re-calibrate the pack") from None
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1 or inputs[0].name != INPUT_NAME or inputs[0].shape[-1] != seq_len * dim:
+            raise PackError(where, "inputs", f"expected one input {INPUT_NAME!r} of width {seq_len * dim}, got "
+                            f"{[(i.name, i.shape) for i in inputs]}", "re-calibrate the pack")
+        self.seq_len, self.dim = seq_len, dim
+
+    def predict_proba(self, embeds: np.ndarray) -> np.ndarray:
+        """P(concept present) for conditioning ``[N, T, D]``."""
+        flat = np.ascontiguousarray(embeds, dtype=np.float32).reshape(len(embeds), self.seq_len * self.dim)
+        probabilities = self.session.run(["probabilities"], {INPUT_NAME: flat})[0]
+        return probabilities[:, 1]
