@@ -1,0 +1,364 @@
+"""Worker side of the vLLM plugin: which request owns which rows, and the compile-proof edit op.
+
+Three pieces, all inside vLLM's worker process:
+
+* :class:`EraseLogitsProcessor` never touches logits in normal operation. vLLM calls its
+  ``update_state`` with every change of the persistent batch (added / removed / moved
+  requests, *before* each forward), which makes it the one reliable place to learn which batch
+  slot holds which request and what that request asked for. It resolves each request's
+  concepts against the policy once, when the request enters the batch, and forgets them when
+  it leaves (finished or preempted).
+* :func:`erasekit_edit_` is an opaque ``torch.library`` custom op. vLLM traces the model once
+  and drops guards, so a plain Python hook would be frozen at trace time (when no request had
+  a concept) and steering would silently vanish. An opaque op is a call the compiled graph
+  makes every step, so its Python body sees the live slot table.
+* :class:`EngineEraser` is what the op calls: it maps slots to token rows through the
+  runner's ``query_start_loc`` and hands each concept's rows to the method's
+  :class:`~erasekit.steering.residual.ResidualEdit`. Benign steps (no active slot) return
+  before touching a tensor, so plain traffic is bit-identical and costs one dict check per
+  hooked layer.
+
+Nothing here may raise while serving: an exception in the worker kills the engine and every
+in-flight request. Failures are counted and handled per the policy's ``on_error``: ``refuse``
+ends the affected requests at once (the logits processor forces end-of-sequence), ``pass``
+lets them continue unguarded.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+
+from erasekit.errors import ErasekitError, PolicyError
+from erasekit.guardrails.policy import Policy, parse_toggles
+from erasekit.integrations import vllm_config as cfg
+from erasekit.steering.residual import Phase, ResidualEdit, TokenLayout
+
+logger = logging.getLogger("erasekit.vllm")
+
+#: engine key -> live eraser; the op receives the key as a plain int baked into the graph.
+_ENGINES: dict[int, EngineEraser] = {}
+_NEXT_KEY = iter(range(1, 1 << 30))
+_KEY_LOCK = threading.Lock()
+
+
+# ------------------------------------------------------------------------------ the op
+@torch.library.custom_op("erasekit::vllm_edit_", mutates_args=("hidden", "residual"))
+def erasekit_edit_(hidden: torch.Tensor, residual: torch.Tensor, layer: int, engine: int) -> None:
+    """Apply every active concept's edit at ``layer`` to the rows of the requests that asked.
+
+    vLLM decoder layers return ``(hidden, residual)`` whose sum is the residual stream. Edited
+    rows are written as ``hidden = new stream, residual = 0`` so the next layer's fused
+    add+norm sees the edited stream exactly; other rows are not written at all.
+    """
+    eraser = _ENGINES.get(engine)
+    if eraser is not None and eraser.carrier.slots:
+        eraser.apply(layer, hidden, residual)
+
+
+@erasekit_edit_.register_fake
+def _erasekit_edit_fake(hidden: torch.Tensor, residual: torch.Tensor, layer: int, engine: int) -> None:
+    return None
+
+
+def _make_hook(layer: int, engine: int):
+    def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
+        if not (isinstance(output, tuple) and len(output) == 2 and output[1] is not None):
+            return output  # unsupported layout: install() refuses such models up front
+        hidden, residual = output
+        torch.ops.erasekit.vllm_edit_(hidden, residual, layer, engine)
+        return hidden, residual
+
+    return hook
+
+
+# ------------------------------------------------------------------------------ carrier
+def _eos_of(params: Any) -> int | None:
+    eos = getattr(params, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(params, "_eos_token_id", None)
+    if eos is None:
+        stops = getattr(params, "all_stop_token_ids", None) or getattr(params, "_all_stop_token_ids", None)
+        eos = min(stops) if stops else None
+    return eos
+
+
+_POLICY_CACHE: dict[str, Policy] = {}
+
+
+def request_toggles(params: Any) -> object:
+    extra = getattr(params, "extra_args", None) or {}
+    return extra.get(cfg.REQUEST_KEY) if isinstance(extra, dict) else None
+
+
+class EraseLogitsProcessor(LogitsProcessor):
+    """Admission check and per-slot concept carrier (vLLM V1 ``LogitsProcessor`` interface)."""
+
+    @classmethod
+    def validate_params(cls, sampling_params: Any) -> None:
+        """Shape check of ``extra_args['erase']`` (the policy check is in the front-end hook).
+
+        This runs in the API-server process before the request reaches the engine, so a
+        bad toggle is an HTTP 400 naming the parameter and never reaches a worker.
+        """
+        from vllm.exceptions import VLLMValidationError
+
+        value = request_toggles(sampling_params)
+        try:
+            toggles = parse_toggles(value, where=cfg.REQUEST_KEY)
+            if len(_POLICY_CACHE) == 1:  # this process serves one policy: check names too
+                next(iter(_POLICY_CACHE.values())).resolve(toggles, where=cfg.REQUEST_KEY)
+        except ErasekitError as exc:
+            raise VLLMValidationError(str(exc), parameter=cfg.REQUEST_KEY, value=str(value)[:200]) from None
+
+    def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
+        section = cfg.section_from(vllm_config.additional_config)
+        if section is None:
+            raise PolicyError("logits_processors", "EraseLogitsProcessor", "erasekit is not configured",
+                              f"set {cfg.ENV_VAR}=policy.yaml or additional_config={{'erasekit': ...}}")
+        self.policy = cfg.load_policy(section)
+        #: batch slot -> active concepts, only for slots with at least one concept
+        self.slots: dict[int, frozenset[str]] = {}
+        #: batch slot -> eos token id, for requests whose guard failed under on_error=refuse
+        self.refused: dict[int, int | None] = {}
+        self.errors = 0
+        self.requests_guarded = 0
+        self.device = device
+
+    def is_argmax_invariant(self) -> bool:
+        # apply() forces EOS for refused requests, which changes greedy results.
+        return False
+
+    def _resolve(self, params: Any) -> frozenset[str]:
+        return self.policy.resolve(request_toggles(params), where=cfg.REQUEST_KEY)
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if batch_update is None:
+            return
+        try:
+            for index in batch_update.removed:
+                self.slots.pop(index, None)
+                self.refused.pop(index, None)
+            for index, params, _prompt, _output in batch_update.added:
+                self.slots.pop(index, None)
+                self.refused.pop(index, None)
+                try:
+                    active = self._resolve(params)
+                except Exception:  # validated at admission, so this is a bug: never raise here
+                    self.note_error(index, params, "resolving the request's concepts failed")
+                    continue
+                if active:
+                    self.slots[index] = active
+                    self.requests_guarded += 1
+            for a, b, direction in batch_update.moved:
+                for table in (self.slots, self.refused):
+                    va, vb = table.pop(a, None), table.pop(b, None)
+                    if va is not None:
+                        table[b] = va
+                    if vb is not None and direction == MoveDirectionality.SWAP:
+                        table[a] = vb
+        except Exception:
+            self.errors += 1
+            logger.exception("erasekit: batch bookkeeping failed; guarding every slot conservatively")
+            self._fail_all()
+
+    def note_error(self, index: int, params: Any, what: str) -> None:
+        self.errors += 1
+        logger.error("erasekit: %s (on_error=%s, errors so far: %d)", what, self.policy.on_error, self.errors)
+        if self.policy.on_error == "refuse":
+            self.refused[index] = _eos_of(params)
+
+    def _fail_all(self) -> None:
+        if self.policy.on_error == "refuse":
+            for index in list(self.slots):
+                self.refused.setdefault(index, None)
+
+    def fail_slots(self, slots: list[int]) -> None:
+        """Called by the eraser when an edit failed for these slots this step."""
+        self.errors += 1
+        if self.policy.on_error == "refuse":
+            for index in slots:
+                self.refused.setdefault(index, None)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.refused:
+            return logits
+        for index, eos in self.refused.items():
+            if index < logits.shape[0]:
+                logits[index] = float("-inf")
+                logits[index, eos if eos is not None and eos < logits.shape[1] else 0] = 0.0
+        return logits
+
+
+
+# ------------------------------------------------------------------------------ eraser
+@dataclass
+class _Group:
+    concept: str
+    phase: Phase
+    index: torch.Tensor  # [n] int64 rows of the flat batch
+    layout: TokenLayout
+    rows: torch.Tensor  # [n] bool, all True
+    slots: list[int]
+
+
+@dataclass
+class _Plan:
+    groups: list[_Group] = field(default_factory=list)
+
+
+class EngineEraser:
+    """Per-engine runtime: edits, layer map, and the step plan built from the carrier's slots."""
+
+    def __init__(self, runner: Any, carrier: Any, edits: dict[str, ResidualEdit], layers: list[int]) -> None:
+        self.runner = runner
+        self.carrier = carrier
+        self.edits = edits
+        self.first_layer = min(layers)
+        self.by_layer: dict[int, list[str]] = defaultdict(list)
+        for name in sorted(edits):
+            for layer in edits[name].layers:
+                self.by_layer[layer].append(name)
+        self.plan = _Plan()
+        self.steps_edited = 0
+        with _KEY_LOCK:
+            self.key = next(_NEXT_KEY)
+        _ENGINES[self.key] = self
+
+    # -- per step -------------------------------------------------------------------------
+    def _build_plan(self, num_rows: int, device: torch.device) -> _Plan:
+        batch = self.runner.input_batch
+        num_reqs = int(batch.num_reqs)
+        qsl = self.runner.query_start_loc.np[: num_reqs + 1]
+        computed = batch.num_computed_tokens_cpu
+        prompt_len = batch.num_prompt_tokens
+        if num_reqs == 0 or int(qsl[num_reqs]) > num_rows:
+            return _Plan()  # dummy/profile run or a layout we do not understand: touch nothing
+        segments: dict[tuple[str, Phase], list[tuple[int, int, int]]] = defaultdict(list)
+        for slot, concepts in self.carrier.slots.items():
+            if slot >= num_reqs or slot in self.carrier.refused:
+                continue
+            start, end = int(qsl[slot]), int(qsl[slot + 1])
+            if end <= start:
+                continue
+            n_prefill = min(max(int(prompt_len[slot]) - int(computed[slot]), 0), end - start)
+            parts = []
+            if n_prefill:
+                parts.append((Phase.PREFILL, start, start + n_prefill))
+            if end - start - n_prefill:
+                parts.append((Phase.DECODE, start + n_prefill, end))
+            for concept in concepts:
+                edit = self.edits.get(concept)
+                if edit is None:
+                    continue
+                for phase, a, b in parts:
+                    if phase in edit.phases:
+                        segments[(concept, phase)].append((slot, a, b))
+        plan = _Plan()
+        for (concept, phase), segs in sorted(segments.items(), key=lambda kv: (kv[0][0], kv[0][1].value)):
+            segs.sort(key=lambda s: s[1])
+            lengths = np.array([b - a for _, a, b in segs], dtype=np.int64)
+            index = np.concatenate([np.arange(a, b, dtype=np.int64) for _, a, b in segs])
+            sub_qsl = np.concatenate([[0], np.cumsum(lengths)])
+            idx_t = torch.from_numpy(index).to(device, non_blocking=True)
+            layout = TokenLayout.from_query_start_loc(torch.from_numpy(sub_qsl).to(device, non_blocking=True))
+            rows = torch.ones(index.shape[0], dtype=torch.bool, device=device)
+            plan.groups.append(_Group(concept, phase, idx_t, layout, rows, [s for s, _, _ in segs]))
+        return plan
+
+    def apply(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor) -> None:
+        """Edit ``hidden``/``residual`` in place for this layer. Never raises."""
+        try:
+            if layer == self.first_layer:
+                self.plan = self._build_plan(hidden.shape[0], hidden.device)
+                if self.plan.groups:
+                    self.steps_edited += 1
+            names = self.by_layer.get(layer)
+            if not names or not self.plan.groups:
+                return
+            for group in self.plan.groups:
+                if group.concept not in names:
+                    continue
+                stream = hidden.index_select(0, group.index) + residual.index_select(0, group.index)
+                new = self.edits[group.concept].edit(layer, stream, group.layout, group.rows, group.phase)
+                hidden.index_copy_(0, group.index, new.to(hidden.dtype))
+                residual.index_fill_(0, group.index, 0)
+        except Exception:
+            slots = sorted({s for g in self.plan.groups for s in g.slots})
+            logger.exception("erasekit: edit at layer %d failed for batch slots %s", layer, slots)
+            try:
+                self.carrier.fail_slots(slots)
+            except Exception:  # pragma: no cover - last line of defence
+                pass
+
+    def stats(self) -> dict[str, int]:
+        return {"engine": self.key, "steps_edited": self.steps_edited, "errors": self.carrier.errors,
+                "requests_guarded": self.carrier.requests_guarded, "active_slots": len(self.carrier.slots)}
+
+
+# ------------------------------------------------------------------------------ install
+def find_decoder_layers(model: torch.nn.Module, num_layers: int) -> tuple[str, torch.nn.ModuleList]:
+    """The model's decoder-layer list: the ModuleList named ``...layers`` of the right length."""
+    candidates = [(name, m) for name, m in model.named_modules()
+                  if isinstance(m, torch.nn.ModuleList) and name.split(".")[-1] in ("layers", "h")
+                  and len(m) == num_layers]
+    if len(candidates) != 1:
+        found = [(n, len(m)) for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)]
+        raise ErasekitError(type(model).__name__, "layers",
+                            f"cannot find one decoder-layer list of length {num_layers} (ModuleLists: {found[:8]})",
+                            "this architecture is not supported by the erasekit vLLM plugin yet; "
+                            "unset ERASEKIT_CONFIG to serve it unguarded")
+    return candidates[0]
+
+
+def install(runner: Any) -> EngineEraser | None:
+    """Attach erasekit to a freshly loaded V1 model runner; ``None`` when not configured.
+
+    Runs inside ``load_model``, i.e. before warm-up and compilation, so the hooks (and the op
+    calls they make) are part of the traced graph. Any error propagates: vLLM then fails to
+    start, which is the point (fail closed).
+    """
+    vllm_config = runner.vllm_config
+    section = cfg.section_from(vllm_config.additional_config)
+    if section is None:
+        return None
+    config = cfg.prepare_section(section)
+    carrier = _find_carrier(runner)
+    packs = cfg.load_packs(config.policy)
+    model_config = vllm_config.model_config
+    text_config = model_config.hf_text_config
+    architecture = (getattr(model_config.hf_config, "architectures", None) or ["?"])[0]
+    model = runner.get_model() if hasattr(runner, "get_model") else runner.model
+    actual, has_hash = cfg.fingerprint_vllm_model(model, text_config, architecture)
+    cfg.check_packs(packs, actual, has_hash)
+    edits = {name: edit.to(runner.device, model_config.dtype) for name, edit in cfg.build_edits(packs).items()}
+    wanted = sorted({layer for edit in edits.values() for layer in edit.layers})
+    _, layer_list = find_decoder_layers(model, actual.num_layers)
+    present = [i for i in wanted if type(layer_list[i]).__name__ != "PPMissingLayer"]
+    eraser = EngineEraser(runner, carrier, edits, present or wanted)
+    for i in present:
+        layer_list[i].register_forward_hook(_make_hook(i, eraser.key))
+    runner._erasekit_eraser = eraser
+    logger.info("erasekit: guarding %s with concepts %s (mandatory %s) at layers %s, on_error=%s",
+                architecture, sorted(edits), sorted(config.policy.mandatory), present, config.policy.on_error)
+    return eraser
+
+
+def _find_carrier(runner: Any) -> Any:
+    batch = getattr(runner, "input_batch", None)
+    procs = getattr(getattr(batch, "logitsprocs", None), "all", None)
+    for proc in (procs() if callable(procs) else procs) or ():
+        if type(proc).__name__ == "EraseLogitsProcessor":
+            return proc
+    raise ErasekitError("vLLM engine", "logits_processors",
+                        "erasekit is configured but its request carrier (EraseLogitsProcessor) is not loaded, "
+                        "so per-request toggles could not be honoured (speculative decoding and pooling models "
+                        "skip custom logits processors)",
+                        "serve without speculative decoding, or unset ERASEKIT_CONFIG")

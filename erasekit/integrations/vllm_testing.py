@@ -1,0 +1,76 @@
+"""Small, reproducible vLLM worlds for tests, the benchmark and the demo (no downloads).
+
+A "world" is a model directory vLLM can load, one ``add_vector`` pack per concept calibrated
+for exactly that model, and a policy file naming them. Vectors are random but seeded, and
+large enough (``norm``) to change greedy outputs of the tiny random Llama.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from erasekit.guardrails.concept import Concept
+from erasekit.guardrails.fingerprint import fingerprint_model
+
+
+@dataclass(frozen=True)
+class VllmWorld:
+    model_dir: Path
+    policy_path: Path
+    packs: dict[str, Path]
+
+
+def write_world(
+    root: str | Path,
+    model_dir: str | Path | None = None,
+    concepts: dict[str, dict] | None = None,
+    seed: int = 0,
+    norm: float = 4.0,
+    layers: tuple[int, ...] = (1,),
+    on_error: str = "refuse",
+) -> VllmWorld:
+    """Write packs + policy under ``root`` (and the tiny Llama, unless ``model_dir`` is given).
+
+    ``concepts`` maps name -> ``{"mandatory": bool, "phases": [...], "layers": [...]}``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from erasekit.steering.add_vector import make_add_vector_pack
+    from erasekit.testing import save_tiny_llama
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    if model_dir is None:
+        model_dir = save_tiny_llama(root / "tiny-llama", seed=seed)
+    model_dir = Path(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    fingerprint = fingerprint_model(model)
+    hidden = fingerprint.hidden_size
+    concepts = concepts or {"alpha": {}, "beta": {}}
+    packs: dict[str, Path] = {}
+    policy = {"version": 1, "max_requested": 8, "on_error": on_error, "concepts": {}}
+    gen = torch.Generator().manual_seed(seed + 1000)
+    for name, spec in concepts.items():
+        vectors = {}
+        for layer in spec.get("layers", layers):
+            v = torch.randn(hidden, generator=gen)
+            vectors[layer] = v / v.norm() * spec.get("norm", norm)
+        pack = make_add_vector_pack(Concept(name, forget=(f"about {name}",), retain=("hello",)), fingerprint,
+                                    vectors, scale=1.0, phases=spec.get("phases"))
+        packs[name] = pack.save_pretrained(root / "packs" / name)
+        policy["concepts"][name] = {"pack": str(packs[name]), "mandatory": bool(spec.get("mandatory", False))}
+    policy_path = root / "policy.json"
+    policy_path.write_text(json.dumps(policy, indent=2))
+    return VllmWorld(model_dir, policy_path, packs)
+
+
+def free_port() -> int:
+    """A free TCP port on loopback (for starting a test server)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
