@@ -5,7 +5,7 @@ same function in torch -- the fixed concept-attention features followed by the d
 standardisation and logistic regression folded into one linear layer -- so its gradient with
 respect to the prompt embedding is the CGCE guidance direction.
 
-Refinement (CGCE, arXiv 2511.05865): ``E <- E - eta * sum_c grad_E BCE(f_c(E), safe)`` over
+Refinement (CGCE, arXiv 2511.05865): ``E <- E - sum_c eta_c grad_E BCE(f_c(E), safe)`` over
 every classifier ``c`` that still fires, until all scores fall under their target or
 ``max_steps`` are spent. Only the flagged rows move; the rest are copied bit for bit.
 """
@@ -65,7 +65,7 @@ def refine(
     twins: list[TorchTwin],
     rows: torch.Tensor,
     *,
-    eta: float,
+    etas: list[float],
     max_steps: int,
     targets: list[float],
 ) -> RefineResult:
@@ -79,6 +79,7 @@ def refine(
     x = base.float().clone()
     active = rows.clone()
     target_logits = torch.tensor([float(np.log(t / (1 - t))) for t in targets], device=x.device)[:, None]
+    step_sizes = torch.tensor(etas, device=x.device)[:, None]
     initial = None
     steps = 0
     with torch.enable_grad():
@@ -90,10 +91,11 @@ def refine(
             active = active & (logits.detach() > target_logits)
             if steps == max_steps or not bool(active.any()):
                 break
-            # BCE(sigmoid(z), 0) = softplus(z): summed over the classifiers still firing per row.
-            loss = (torch.nn.functional.softplus(logits) * active).sum()
+            # BCE(sigmoid(z), 0) = softplus(z): each firing classifier's guidance, scaled by its
+            # own step size, summed (CGCE's multi-concept aggregation).
+            loss = (torch.nn.functional.softplus(logits) * active * step_sizes).sum()
             (grad,) = torch.autograd.grad(loss, x)
-            x = (x.detach() - eta * grad).detach()
+            x = (x.detach() - grad).detach()
     final = torch.sigmoid(logits.detach())
     moved = rows.any(dim=0)
     out = torch.where(moved[:, None, None], x.detach().to(embeds.dtype), base)

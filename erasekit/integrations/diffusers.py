@@ -1,0 +1,537 @@
+"""Diffusers adapter: where CGCE and IRECE attach to a pipeline, and the guard users call.
+
+Three diffusers-native mechanisms, no patched pipeline copies:
+
+* a ``diffusers.hooks.ModelHook`` ``pre_forward`` on the denoiser (``pipe.unet`` or
+  ``pipe.transformer``) reads ``encoder_hidden_states`` -- the conditioning the generator
+  really consumes, uniform across SD1.x, SDXL (penultimate layers of two encoders), SD3, Flux,
+  CogVideoX and Wan, and whether the caller passed ``prompt=`` or ``prompt_embeds=`` -- runs
+  the CGCE detectors and, for flagged rows only, returns refined embeddings;
+* attention processors on the UNet's cross-attention (``attn2``) modules wrap the original
+  processor (whose output is returned untouched) and, during an IRECE window, record the share
+  of attention that the concept's keys would take;
+* ``callback_on_step_end`` turns those maps into a mask and re-noises the masked latents.
+
+Hooks are inert outside a guarded call or :meth:`DiffusersGuard.erasing` block, so the modules
+then compute exactly what the unguarded ones compute.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.hooks import HookRegistry, ModelHook
+
+from erasekit.classifiers.cgce import CGCEClassifier
+from erasekit.classifiers.twin import refine
+from erasekit.errors import ErasekitError, PackError, PolicyError
+from erasekit.guardrails.fingerprint import ModelFingerprint, hash_embedding_slice
+from erasekit.guardrails.pack import ConceptPack
+from erasekit.guardrails.policy import Policy, PolicyEntry
+from erasekit.steering import irece as irece_math
+
+HOOK_NAME = "erasekit_conditioning"
+_TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+#: Denoiser config keys that hold the width of ``encoder_hidden_states``, per architecture.
+_COND_DIM_KEYS = ("cross_attention_dim", "joint_attention_dim", "text_embed_dim", "text_dim")
+
+
+# ---------------------------------------------------------------------------- pipeline identity
+def denoiser_of(pipe: DiffusionPipeline) -> torch.nn.Module:
+    """The module that consumes the text conditioning (``unet`` or ``transformer``)."""
+    for name in ("unet", "transformer"):
+        module = getattr(pipe, name, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    raise ErasekitError(type(pipe).__name__, "unet/transformer", "pipeline has no denoiser module",
+                        "guard a text-to-image/video pipeline with a `unet` or `transformer` component")
+
+
+def conditioning_dim(pipe: DiffusionPipeline) -> int | None:
+    """Width of the denoiser's ``encoder_hidden_states``, read from its config where it is declared."""
+    config = getattr(denoiser_of(pipe), "config", {})
+    for key in _COND_DIM_KEYS:
+        value = config.get(key) if hasattr(config, "get") else getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def fingerprint_pipeline(pipe: DiffusionPipeline) -> ModelFingerprint:
+    """Identity of a pipeline's text side: every text encoder's architecture and embedding hash.
+
+    CGCE classifiers and IRECE concept embeddings live in the conditioning space, which the
+    text encoders define; a pack from another encoder (or another SDXL second encoder) is refused.
+    """
+    encoders = [getattr(pipe, n) for n in _TEXT_ENCODERS if isinstance(getattr(pipe, n, None), torch.nn.Module)]
+    if not encoders:
+        raise ErasekitError(type(pipe).__name__, "text_encoder", "pipeline has no text encoder",
+                            "pass a text-conditioned pipeline")
+    digest = hashlib.sha256()
+    for enc in encoders:
+        digest.update(hash_embedding_slice(enc.get_input_embeddings().weight).encode())
+    first = encoders[0].config
+    text_config = first.get_text_config() if hasattr(first, "get_text_config") else first
+    return ModelFingerprint(
+        architecture="+".join((enc.config.architectures or [type(enc).__name__])[0] for enc in encoders),
+        hidden_size=int(conditioning_dim(pipe) or text_config.hidden_size),
+        num_layers=sum(int(getattr(e.config.get_text_config() if hasattr(e.config, "get_text_config") else e.config,
+                                   "num_hidden_layers", 0)) for e in encoders),
+        vocab_size=int(text_config.vocab_size),
+        embedding_sha256=digest.hexdigest(),
+    )
+
+
+def denoiser_sha256(pipe: DiffusionPipeline) -> str:
+    """Hash of the denoiser's first weight (IRECE reads its attention, so it must match too)."""
+    first = next(denoiser_of(pipe).parameters())
+    return hash_embedding_slice(first.reshape(first.shape[0], -1))
+
+
+def cross_attention_processors(pipe: DiffusionPipeline) -> list[str]:
+    """Names of the UNet's cross-attention processors (``...attn2.processor``), where IRECE listens."""
+    denoiser = denoiser_of(pipe)
+    procs = getattr(denoiser, "attn_processors", {})
+    return sorted(n for n in procs if n.endswith("attn2.processor"))
+
+
+# ---------------------------------------------------------------------------- per-call state
+@dataclass
+class _IreceConcept:
+    name: str
+    embedding: torch.Tensor  # K, D (conditioning space)
+    layers: frozenset[str]
+    threshold: float
+    strength: float
+    start: float
+    end: float
+    dilate: int
+    seed: int
+
+
+@dataclass
+class CallReport:
+    """What the guard did in the last call (for tests, benchmarks and logs)."""
+
+    flagged: dict[str, list[int]] = field(default_factory=dict)  # concept -> flagged conditioning rows
+    scores: dict[str, list[float]] = field(default_factory=dict)  # concept -> P(concept) per row
+    refine_steps: int = 0
+    irece_masked_fraction: dict[str, list[float]] = field(default_factory=dict)  # concept -> per step
+
+
+class _CallState:
+    """Everything one guarded call (or erasing block) needs; discarded when it ends."""
+
+    def __init__(self, per_prompt: list[frozenset[str]] | None, broadcast: frozenset[str] | None,
+                 images_per_prompt: int) -> None:
+        self.per_prompt = per_prompt
+        self.broadcast = broadcast
+        self.images_per_prompt = images_per_prompt
+        self.cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.row_masks: dict[tuple[str, int], torch.Tensor] = {}
+        self.report = CallReport()
+        self.step = 0
+        self.num_steps: int | None = None
+        self.maps: dict[str, list[torch.Tensor]] = {}
+
+    def active(self) -> frozenset[str]:
+        if self.broadcast is not None:
+            return self.broadcast
+        return frozenset().union(*self.per_prompt) if self.per_prompt else frozenset()
+
+    def rows(self, concept: str, n: int, device: torch.device) -> torch.Tensor:
+        """Bool [n]: rows of a denoiser batch of ``n`` whose prompt erases ``concept``."""
+        key = (concept, n)
+        if key not in self.row_masks:
+            if self.broadcast is not None:
+                flags = [concept in self.broadcast] * n
+            else:
+                per_row = [c for c in self.per_prompt for _ in range(self.images_per_prompt)]
+                if n % len(per_row):
+                    raise ErasekitError(
+                        "erase", None, f"cannot map a denoiser batch of {n} rows onto {len(self.per_prompt)} prompts "
+                        f"x {self.images_per_prompt} images", "pass one erase list per prompt")
+                flags = [concept in per_row[i % len(per_row)] for i in range(n)]  # CFG repeats [uncond, cond]
+            self.row_masks[key] = torch.tensor(flags, dtype=torch.bool, device=device)
+        return self.row_masks[key]
+
+
+# ---------------------------------------------------------------------------- hooks
+class _ConditioningHook(ModelHook):
+    """Denoiser ``pre_forward``: CGCE detection and refinement of ``encoder_hidden_states``."""
+
+    def __init__(self, guard: DiffusersGuard) -> None:
+        super().__init__()
+        self.guard = guard
+
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        state = self.guard._current()
+        if state is None or not self.guard._classifiers:
+            return args, kwargs
+        if "encoder_hidden_states" in kwargs:
+            kwargs["encoder_hidden_states"] = self.guard._condition(state, kwargs["encoder_hidden_states"])
+        elif len(args) > 2:
+            args = (*args[:2], self.guard._condition(state, args[2]), *args[3:])
+        return args, kwargs
+
+
+class _CaptureProcessor:
+    """Wraps a cross-attention processor: returns its output untouched, records IRECE maps when asked."""
+
+    def __init__(self, inner: Any, name: str, guard: DiffusersGuard) -> None:
+        self.inner = inner
+        self.name = name
+        self.guard = guard
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 **kwargs: Any) -> torch.Tensor:
+        out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        state = self.guard._current()
+        if state is not None and encoder_hidden_states is not None and self.guard._capturing(state):
+            self.guard._capture(state, self.name, attn, hidden_states, encoder_hidden_states)
+        return out
+
+
+# ---------------------------------------------------------------------------- the guard
+class DiffusersGuard:
+    """A diffusers pipeline with concept erasure, called exactly like the pipeline.
+
+    Args:
+        pipe: the pipeline to guard; hooks attach to its modules until :meth:`detach`.
+        packs: ``cgce`` and/or ``irece`` packs (objects or directories) for this pipeline.
+        policy: which concepts are mandatory; by default every pack's concept is optional.
+        mandatory: shortcut to mark concepts mandatory without writing a policy.
+
+    ``guard(prompt, erase=[...])`` erases the listed concepts (plus the mandatory ones) for every
+    prompt; ``erase=[[...], [...]]`` gives one list per prompt. Use as a context manager to
+    detach on exit.
+    """
+
+    def __init__(
+        self,
+        pipe: DiffusionPipeline,
+        packs: Sequence[ConceptPack | str | Path] = (),
+        policy: Policy | None = None,
+        mandatory: Sequence[str] = (),
+    ) -> None:
+        self.pipe = pipe
+        self._lock = threading.RLock()
+        self._stack: list[_CallState] = []
+        self._attached = False
+        self.last_report: CallReport | None = None
+        loaded = [self._load(p, i) for i, p in enumerate(packs)]
+        if policy is not None:
+            loaded += [self._load(e.pack, f"policy.{e.concept}") for e in policy.entries.values() if e.pack]
+        self._check_packs(loaded)
+        names = sorted({p.name for p in loaded})
+        if policy is None:
+            unknown = sorted(set(mandatory) - set(names))
+            if unknown:
+                raise PolicyError("guard", "mandatory", f"mandatory concept {unknown[0]!r} has no pack",
+                                  f"pass a pack for it; loaded concepts: {', '.join(names) or 'none'}")
+            policy = Policy([PolicyEntry(n, None, n in set(mandatory)) for n in names])
+        else:
+            missing = sorted(policy.concepts - set(names))
+            if missing:
+                raise ErasekitError("policy", f"concepts.{missing[0]}", "no pack loaded for this concept",
+                                    "give the policy entry a pack path or pass the pack in packs=")
+        self.policy = policy
+        self._classifiers = {p.name: CGCEClassifier.from_pack(p) for p in loaded if p.method == "cgce"}
+        self._irece = {p.name: self._irece_concept(p) for p in loaded if p.method == "irece"}
+        self.packs = loaded
+        self.attach()
+
+    # -------------------------------------------------------------- loading and checks
+    def _load(self, pack: ConceptPack | str | Path, index: int | str) -> ConceptPack:
+        if isinstance(pack, ConceptPack):
+            return pack
+        if isinstance(pack, str | Path):
+            return ConceptPack.from_pretrained(pack)
+        raise ErasekitError("guard", f"packs[{index}]", f"expected a ConceptPack or a directory, got {type(pack).__name__}",
+                            "pass ConceptPack objects or pack directory paths")
+
+    def _check_packs(self, packs: list[ConceptPack]) -> None:
+        fingerprint = fingerprint_pipeline(self.pipe)
+        dim = conditioning_dim(self.pipe)
+        seen: set[tuple[str, str]] = set()
+        for pack in packs:
+            where = str(pack.source or f"pack {pack.name!r}")
+            if pack.spec.family != "diffusion":
+                raise PackError(where, "method", f"method {pack.method!r} is not a diffusion method",
+                                "pass cgce or irece packs to a diffusers guard")
+            if (pack.name, pack.method) in seen:
+                raise PackError(where, "concept", f"two {pack.method} packs for concept {pack.name!r}",
+                                "pass one pack per concept and method")
+            seen.add((pack.name, pack.method))
+            pack.check_model(fingerprint)
+            want = pack.hyperparameters.get("embed_dim")
+            if dim is not None and want != dim:
+                raise PackError(where, "hyperparameters.embed_dim", f"pack reads {want}-wide conditioning but the "
+                                f"denoiser consumes {dim}", "calibrate the pack on this pipeline")
+            if pack.method == "irece":
+                self._check_irece(pack, where)
+
+    def _check_irece(self, pack: ConceptPack, where: str) -> None:
+        names = cross_attention_processors(self.pipe)
+        if not names:
+            raise PackError(where, "method", f"IRECE localises with UNet cross-attention (attn2); "
+                            f"{type(denoiser_of(self.pipe)).__name__} has none",
+                            "use CGCE alone on DiT/video pipelines (joint-attention capture is not implemented)")
+        if "callback_on_step_end" not in inspect.signature(self.pipe.__call__).parameters:
+            raise PackError(where, "method", f"{type(self.pipe).__name__} has no callback_on_step_end",
+                            "use a pipeline that supports callback_on_step_end")
+        sha = pack.hyperparameters.get("denoiser_sha256")
+        if sha is not None and sha != denoiser_sha256(self.pipe):
+            raise PackError(where, "hyperparameters.denoiser_sha256", "pack was calibrated on another denoiser",
+                            "calibrate the IRECE pack on this pipeline")
+        layers = pack.hyperparameters["layers"]
+        if layers != "all":
+            unknown = sorted(set(layers) - set(names))
+            if unknown:
+                raise PackError(where, "hyperparameters.layers", f"no cross-attention processor {unknown[0]!r}",
+                                f"use names from {names[:3]}...")
+
+    def _irece_concept(self, pack: ConceptPack) -> _IreceConcept:
+        hp = pack.hyperparameters
+        names = cross_attention_processors(self.pipe)
+        layers = frozenset(names if hp["layers"] == "all" else hp["layers"])
+        device = next(denoiser_of(self.pipe).parameters()).device
+        return _IreceConcept(pack.name, pack.tensors["concept_embedding"].to(device), layers, float(hp["threshold"]),
+                             float(hp["strength"]), float(hp["start"]), float(hp["end"]), int(hp["dilate"]),
+                             int(hp["seed"]))
+
+    # -------------------------------------------------------------- attach / detach
+    def attach(self) -> DiffusersGuard:
+        """Install the hooks (done by the constructor); a second guard on one pipeline is refused."""
+        if self._attached:
+            return self
+        denoiser = denoiser_of(self.pipe)
+        registry = HookRegistry.check_if_exists_or_initialize(denoiser)
+        if registry.get_hook(HOOK_NAME) is not None:
+            raise ErasekitError("guard", "pipe", "this pipeline is already guarded",
+                                "detach the other guard first (guard.detach()), or reuse it")
+        try:
+            registry.register_hook(_ConditioningHook(self), HOOK_NAME)
+            self._original_processors: dict[str, Any] | None = None
+            if self._irece:
+                layers = frozenset().union(*(c.layers for c in self._irece.values()))
+                procs = dict(denoiser.attn_processors)
+                self._original_processors = dict(procs)
+                wrapped = {n: (_CaptureProcessor(p, n, self) if n in layers else p) for n, p in procs.items()}
+                denoiser.set_attn_processor(dict(wrapped))  # it empties the dict it is given
+        except BaseException:
+            self._remove_hooks()
+            raise
+        self._attached = True
+        return self
+
+    def _remove_hooks(self) -> None:
+        denoiser = denoiser_of(self.pipe)
+        registry = getattr(denoiser, "_diffusers_hook", None)
+        if registry is not None and registry.get_hook(HOOK_NAME) is not None:
+            registry.remove_hook(HOOK_NAME, recurse=False)
+        original = getattr(self, "_original_processors", None)
+        if original:
+            denoiser.set_attn_processor(dict(original))
+        self._original_processors = None
+
+    def detach(self) -> None:
+        """Remove every hook and processor this guard installed; the pipeline is as before."""
+        with self._lock:
+            if self._attached:
+                self._remove_hooks()
+                self._attached = False
+
+    def __enter__(self) -> DiffusersGuard:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    @property
+    def concepts(self) -> frozenset[str]:
+        return self.policy.concepts
+
+    # -------------------------------------------------------------- requests
+    def _resolve(self, erase: object, num_prompts: int | None) -> tuple[list[frozenset[str]] | None, frozenset | None]:
+        if isinstance(erase, list | tuple) and erase and all(isinstance(e, list | tuple) for e in erase):
+            if num_prompts is not None and len(erase) != num_prompts:
+                raise ErasekitError("erase", None, f"{len(erase)} per-prompt lists for {num_prompts} prompts",
+                                    "pass one list per prompt, or a flat list for all prompts")
+            return [self.policy.resolve(list(e), where=f"erase[{i}]") for i, e in enumerate(erase)], None
+        resolved = self.policy.resolve(erase, where="erase")
+        if num_prompts is None:
+            return None, resolved
+        return [resolved] * num_prompts, None
+
+    @staticmethod
+    def _num_prompts(args: tuple, kwargs: dict) -> int | None:
+        prompt = kwargs.get("prompt", args[0] if args else None)
+        if isinstance(prompt, str):
+            return 1
+        if isinstance(prompt, list):
+            return len(prompt)
+        embeds = kwargs.get("prompt_embeds")
+        if isinstance(embeds, torch.Tensor):
+            return int(embeds.shape[0])
+        return None
+
+    def _current(self) -> _CallState | None:
+        return self._stack[-1] if self._stack else None
+
+    @contextlib.contextmanager
+    def _push(self, state: _CallState) -> Iterator[_CallState]:
+        if not self._attached:
+            raise ErasekitError("guard", None, "guard is detached", "call guard.attach() or build a new guard")
+        with self._lock:
+            self._stack.append(state)
+            try:
+                yield state
+            finally:
+                self._stack.pop()
+                self.last_report = state.report
+
+    def __call__(self, *args: Any, erase: object = None, **kwargs: Any) -> Any:
+        """Run the pipeline with ``erase`` concepts (per call or per prompt) plus the mandatory ones."""
+        num_prompts = self._num_prompts(args, kwargs)
+        per_prompt, broadcast = self._resolve(erase, num_prompts)
+        n_images = kwargs.get("num_images_per_prompt", 1) or 1
+        state = _CallState(per_prompt, broadcast, int(n_images) if per_prompt is not None else 1)
+        with self._push(state):
+            if self._irece and state.active() & set(self._irece):
+                kwargs = self._with_irece_callback(state, kwargs)
+            return self.pipe(*args, **kwargs)
+
+    def erasing(self, erase: object) -> contextlib.AbstractContextManager[_CallState]:
+        """Guard DIRECT calls of the pipeline's modules for ``erase`` inside the block.
+
+        A flat list applies to every row; a list of lists gives one list per row of the
+        denoiser batch (repeated if the batch is a multiple, e.g. under CFG).
+        """
+        per_row, broadcast = self._resolve(erase, None)
+        return self._push(_CallState(per_row, broadcast, 1))
+
+    # -------------------------------------------------------------- CGCE
+    def _condition(self, state: _CallState, embeds: torch.Tensor) -> torch.Tensor:
+        active = state.active() & set(self._classifiers)
+        if not active:
+            return embeds
+        key = (id(embeds), embeds._version)
+        hit = state.cache.get(key)
+        if hit is not None and hit[0] is embeds:
+            return hit[1]
+        n = embeds.shape[0]
+        twins, rows, etas, targets, steps = [], [], [], [], 0
+        for name in sorted(active):
+            clf = self._classifiers[name]
+            if embeds.ndim != 3 or tuple(embeds.shape[1:]) != (clf.seq_len, clf.embed_dim):
+                raise ErasekitError(
+                    "encoder_hidden_states (prompt_embeds)", None,
+                    f"conditioning of shape {list(embeds.shape)} but the {name!r} classifier reads "
+                    f"[N, {clf.seq_len}, {clf.embed_dim}]",
+                    "pass prompt_embeds made by this pipeline's encode_prompt, or calibrate on this pipeline")
+            scores = torch.from_numpy(clf.scores(embeds)).to(embeds.device)
+            flagged = (scores > clf.threshold) & state.rows(name, n, embeds.device)
+            state.report.scores[name] = scores.tolist()
+            state.report.flagged[name] = torch.nonzero(flagged).flatten().tolist()
+            if bool(flagged.any()):
+                twins.append(clf.twin.to(embeds.device))
+                rows.append(flagged)
+                etas.append(clf.eta)
+                targets.append(clf.target)
+                steps = max(steps, clf.max_steps)
+        out = embeds
+        if twins:
+            result = refine(embeds, twins, torch.stack(rows), etas=etas, max_steps=steps, targets=targets)
+            out = result.embeds
+            state.report.refine_steps = max(state.report.refine_steps, result.steps)
+        state.cache[key] = (embeds, out)
+        return out
+
+    # -------------------------------------------------------------- IRECE
+    def _window_concepts(self, state: _CallState) -> list[_IreceConcept]:
+        num = state.num_steps or getattr(self.pipe, "_num_timesteps", None) or 0
+        return [c for n, c in self._irece.items() if n in state.active()
+                and num and irece_math.in_window(state.step, num, c.start, c.end)]
+
+    def _capturing(self, state: _CallState) -> bool:
+        return bool(self._irece) and state.per_prompt is not None and bool(self._window_concepts(state))
+
+    def _capture(self, state: _CallState, name: str, attn: Any, hidden: torch.Tensor, context: torch.Tensor) -> None:
+        with torch.no_grad():
+            h = hidden
+            if h.ndim == 4:
+                b, c, hh, ww = h.shape
+                h = h.view(b, c, hh * ww).transpose(1, 2)
+            if getattr(attn, "group_norm", None) is not None:
+                h = attn.group_norm(h.transpose(1, 2)).transpose(1, 2)
+            ctx = attn.norm_encoder_hidden_states(context) if getattr(attn, "norm_cross", False) else context
+            query = attn.to_q(h)
+            keys = attn.to_k(ctx)
+            for concept in self._window_concepts(state):
+                if name not in concept.layers:
+                    continue
+                ckeys = attn.to_k(concept.embedding.to(keys.dtype))
+                share = irece_math.concept_attention_share(query, keys, ckeys, attn.heads, attn.scale)
+                state.maps.setdefault(concept.name, []).append(share)
+
+    def _with_irece_callback(self, state: _CallState, kwargs: dict) -> dict:
+        from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
+        user = kwargs.get("callback_on_step_end")
+        inputs = list(kwargs.get("callback_on_step_end_tensor_inputs") or ["latents"])
+        if isinstance(user, PipelineCallback | MultiPipelineCallbacks):
+            inputs = list(user.tensor_inputs)
+        if "latents" not in inputs:
+            inputs.append("latents")
+
+        def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
+            out = dict(user(pipe, step, timestep, tensors) or {}) if user is not None else {}
+            latents = out.get("latents", tensors["latents"])
+            new = self._irece_step(state, step, latents)
+            if new is not latents:
+                out["latents"] = new
+            return out
+
+        return {**kwargs, "callback_on_step_end": on_step_end, "callback_on_step_end_tensor_inputs": inputs}
+
+    def _irece_step(self, state: _CallState, step: int, latents: torch.Tensor) -> torch.Tensor:
+        concepts = self._window_concepts(state)
+        maps, state.maps = state.maps, {}
+        state.step = step + 1
+        out = latents
+        for concept in concepts:
+            captured = maps.get(concept.name)
+            if not captured or latents.ndim != 4:
+                continue
+            b = latents.shape[0]
+            cond = [m[-b:] for m in captured]  # under CFG the batch is [uncond, cond]
+            share = irece_math.maps_to_latent(cond, tuple(latents.shape[-2:]))
+            mask = irece_math.build_mask(share, concept.threshold, concept.dilate)
+            mask = mask & state.rows(concept.name, b, latents.device)[:, None, None, None]
+            state.report.irece_masked_fraction.setdefault(concept.name, []).append(float(mask.float().mean()))
+            gen = torch.Generator(device="cpu").manual_seed(concept.seed + 1000003 * step)
+            out = irece_math.perturb_latents(out, mask, concept.strength, gen)
+        return out
+
+
+def guard(
+    pipe: DiffusionPipeline,
+    packs: Sequence[ConceptPack | str | Path] = (),
+    policy: Policy | str | Path | None = None,
+    mandatory: Sequence[str] = (),
+) -> DiffusersGuard:
+    """Guard ``pipe`` with ``packs``; ``policy`` may be a :class:`Policy` or a YAML/JSON file."""
+    if isinstance(policy, str | Path):
+        policy = Policy.from_file(policy)
+    return DiffusersGuard(pipe, packs=packs, policy=policy, mandatory=mandatory)

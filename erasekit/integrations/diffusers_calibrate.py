@@ -1,0 +1,186 @@
+"""Calibrate CGCE and IRECE packs on a diffusers pipeline (``erasekit calibrate --method cgce|irece``).
+
+Embeddings are read where the guard reads them: at the denoiser's ``encoder_hidden_states``.
+:func:`encode_conditioning` runs the pipeline itself up to the first denoiser call and stops,
+so whatever the pipeline does to build its conditioning (SDXL's two penultimate layers, clip
+skip, T5 padding, prompt weighting in a subclass) is calibrated on exactly as it is served.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.hooks import HookRegistry, ModelHook
+from tqdm.auto import tqdm
+
+from erasekit.classifiers import cgce
+from erasekit.classifiers.detector import fit_detector
+from erasekit.classifiers.onnx_export import export_detector
+from erasekit.errors import ErasekitError
+from erasekit.guardrails.concept import Concept
+from erasekit.guardrails.pack import ConceptPack
+from erasekit.integrations.diffusers import denoiser_of, denoiser_sha256, fingerprint_pipeline
+from erasekit.steering import irece
+
+_CAPTURE_HOOK = "erasekit_calibration_capture"
+
+
+class _Captured(Exception):  # noqa: N818 - control flow, not an error
+    def __init__(self, embeds: torch.Tensor) -> None:
+        super().__init__("captured")
+        self.embeds = embeds
+
+
+class _StopAtDenoiser(ModelHook):
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        embeds = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+        raise _Captured(embeds.detach())
+
+
+def encode_conditioning(
+    pipe: DiffusionPipeline, prompts: Sequence[str], batch_size: int = 32, progress: bool = False, **call_kwargs: Any
+) -> torch.Tensor:
+    """The denoiser's conditioning ``[N, T, D]`` (float32, CPU) for each prompt, without CFG rows."""
+    registry = HookRegistry.check_if_exists_or_initialize(denoiser_of(pipe))
+    registry.register_hook(_StopAtDenoiser(), _CAPTURE_HOOK)
+    out: list[torch.Tensor] = []
+    kwargs = {"num_inference_steps": 1, "output_type": "latent", "guidance_scale": 1.0, **call_kwargs}
+    try:
+        batches = range(0, len(prompts), batch_size)
+        for start in tqdm(batches, desc="encoding prompts", disable=not progress):
+            batch = list(prompts[start:start + batch_size])
+            try:
+                with torch.no_grad():
+                    pipe(prompt=batch, **kwargs)
+            except _Captured as cap:
+                out.append(cap.embeds[-len(batch):].float().cpu())  # under CFG the batch is [uncond, cond]
+            else:
+                raise ErasekitError(type(pipe).__name__, "denoiser", "pipeline finished without calling its denoiser",
+                                    "calibrate on a text-to-image/video pipeline")
+    finally:
+        registry.remove_hook(_CAPTURE_HOOK, recurse=False)
+    return torch.cat(out)
+
+
+def _tokenizer(pipe: DiffusionPipeline) -> Any:
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        tok = getattr(pipe, name, None)
+        if tok is not None:
+            return tok
+    raise ErasekitError(type(pipe).__name__, "tokenizer", "pipeline has no tokenizer", "pass a text-conditioned pipeline")
+
+
+def concept_embedding(pipe: DiffusionPipeline, phrases: Sequence[str]) -> torch.Tensor:
+    """The conditioning rows ``[K, D]`` of the concept's own words, each phrase encoded alone.
+
+    Special tokens (BOS/EOS/padding) are dropped: they carry the whole prompt, not the concept.
+    """
+    tok = _tokenizer(pipe)
+    embeds = encode_conditioning(pipe, list(phrases))
+    special = set(tok.all_special_ids)
+    rows = []
+    for phrase, e in zip(phrases, embeds, strict=True):
+        ids = tok(phrase).input_ids
+        positions = [i for i, t in enumerate(ids) if t not in special and i < e.shape[0]]
+        if not positions:
+            raise ErasekitError("concept", "keywords", f"phrase {phrase!r} has no non-special tokens",
+                                "use real words for the concept's keywords")
+        rows.append(e[positions])
+    return torch.cat(rows)
+
+
+def _phrases(concept: Concept) -> list[str]:
+    return list(concept.keywords) or [concept.name.replace("_", " ").replace("-", " ")]
+
+
+def _apply_overrides(hp: dict[str, Any], overrides: dict[str, Any], method: str) -> dict[str, Any]:
+    unknown = sorted(set(overrides) - set(hp))
+    if unknown:
+        raise ErasekitError("--set", unknown[0], f"unknown {method} hyperparameter", f"use one of {sorted(hp)}")
+    return {**hp, **overrides}
+
+
+def calibrate_cgce(
+    pipe: DiffusionPipeline,
+    concept: Concept,
+    *,
+    C: float = 1.0,
+    batch_size: int = 32,
+    progress: bool = False,
+    **hyperparameters: Any,
+) -> ConceptPack:
+    """Fit a CGCE classifier on ``concept.forget`` (unsafe) vs ``concept.retain`` (safe) prompts."""
+    if len(concept.forget) < 2 or len(concept.retain) < 2:
+        raise ErasekitError("Concept", "forget/retain", "CGCE needs at least 2 prompts with and 2 without the concept",
+                            "pass a few hundred of each (pairs that differ only by the concept work best)")
+    hp = _apply_overrides(dict(cgce.DEFAULTS), hyperparameters, "cgce")
+    unsafe = encode_conditioning(pipe, concept.forget, batch_size, progress)
+    safe = encode_conditioning(pipe, concept.retain, batch_size, progress)
+    phrases = concept_embedding(pipe, _phrases(concept))
+    detector = fit_detector(unsafe.numpy(), safe.numpy(), phrases.numpy(), tau=float(hp["tau"]), C=C)
+    probs = detector.predict_proba(np.concatenate([unsafe, safe]).reshape(len(unsafe) + len(safe), -1))[:, 1]
+    y = np.r_[np.ones(len(unsafe)), np.zeros(len(safe))]
+    hp.update(seq_len=int(unsafe.shape[1]), embed_dim=int(unsafe.shape[2]),
+              train_accuracy=float(((probs > hp["threshold"]) == y).mean()))
+    return ConceptPack(
+        concept=concept, method="cgce", fingerprint=fingerprint_pipeline(pipe),
+        tensors=cgce.pack_tensors_from_detector(detector), hyperparameters=hp,
+        classifier_onnx=export_detector(detector),
+    )
+
+
+def calibrate_irece(pipe: DiffusionPipeline, concept: Concept, **hyperparameters: Any) -> ConceptPack:
+    """An IRECE pack: the concept's conditioning rows plus localisation/perturbation hyperparameters."""
+    hp = _apply_overrides(dict(irece.DEFAULTS), hyperparameters, "irece")
+    embedding = concept_embedding(pipe, _phrases(concept))
+    hp.update(embed_dim=int(embedding.shape[1]), denoiser_sha256=denoiser_sha256(pipe))
+    return ConceptPack(concept=concept, method="irece", fingerprint=fingerprint_pipeline(pipe),
+                       tensors={"concept_embedding": embedding}, hyperparameters=hp)
+
+
+def _read_lines(path: str, field: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise ErasekitError("erasekit calibrate", field, f"{path} is not a file", "pass a text file, one prompt per line")
+    return [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _parse_set(items: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ErasekitError("--set", item, "expected KEY=VALUE", "e.g. --set eta=1.5")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def calibrate_main(args: argparse.Namespace) -> int:
+    """CLI entry: load the pipeline directory, calibrate, save the pack."""
+    concept = Concept(
+        name=args.concept, forget=_read_lines(args.forget, "--forget"), retain=_read_lines(args.retain, "--retain"),
+        target=args.target, keywords=[k.strip() for k in (args.keywords or "").split(",") if k.strip()],
+    )
+    if not Path(args.model).is_dir():
+        raise ErasekitError("erasekit calibrate", "--model", f"{args.model} is not a directory",
+                            "pass a diffusers pipeline directory (pipe.save_pretrained(...))")
+    pipe = DiffusionPipeline.from_pretrained(args.model, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    overrides = _parse_set(args.set)
+    if args.method == "cgce":
+        pack = calibrate_cgce(pipe, concept, progress=True, **overrides)
+    else:
+        pack = calibrate_irece(pipe, concept, **overrides)
+    out = pack.save_pretrained(args.output)
+    print(f"wrote {args.method} pack for {concept.name!r} to {out}")
+    return 0
