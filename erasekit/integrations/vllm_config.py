@@ -40,6 +40,9 @@ CONFIG_KEY = "erasekit"
 REQUEST_KEY = "erase"
 #: Bumped whenever the hook code changes what compiled graphs contain (enters the compile key).
 HOOK_VERSION = 1
+#: Private ``extra_args`` key the front end writes (never the client): concepts whose router
+#: did not fire for this prompt. Whatever a client sends under this key is overwritten.
+ROUTED_OUT_KEY = "_erasekit_routed_out"
 #: Salt prefix, so an erasekit salt can never collide with a client-chosen one.
 SALT_PREFIX = "erasekit:"
 
@@ -51,6 +54,7 @@ class EngineConfig:
     policy: Policy
     digest: str
     section: dict[str, Any]
+    packs: dict[str, ConceptPack]
 
 
 def section_from(additional_config: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -130,7 +134,7 @@ def prepare_section(section: Mapping[str, Any]) -> EngineConfig:
                           "engine was configured", "restart the engine so every process loads the same packs")
     out = dict(section)
     out["digest"] = digest
-    return EngineConfig(policy, digest, out)
+    return EngineConfig(policy, digest, out, packs)
 
 
 def build_edits(packs: Mapping[str, ConceptPack]) -> dict[str, ResidualEdit]:
@@ -178,6 +182,8 @@ def fingerprint_vllm_model(model: Any, hf_text_config: Any, architecture: str) -
 
 def check_packs(packs: Mapping[str, ConceptPack], actual: ModelFingerprint, has_hash: bool) -> None:
     """Refuse packs calibrated for another model (PackError names the pack and the field)."""
+    if not has_hash:
+        actual = ModelFingerprint(**{**actual.to_dict(), "embedding_sha256": ""})
     for pack in packs.values():
         expected = pack.fingerprint
         if not has_hash:

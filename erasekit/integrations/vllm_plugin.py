@@ -39,7 +39,7 @@ PREFIX_SAFE_METHODS = frozenset({"add_vector"})
 _registered = False
 _runners_patched = False
 _FRONTEND: dict[str, Any] = {}
-_METHODS: dict[str, dict[str, str]] = {}
+_ROUTERS: dict[str, dict[str, Any]] = {}
 
 
 def register() -> None:
@@ -119,15 +119,15 @@ def _frontend_config(vllm_config: Any) -> Any:
     return config
 
 
-def _methods_of(config: Any) -> dict[str, str]:
-    methods = _METHODS.get(config.digest)
-    if methods is None:
-        from erasekit.guardrails.pack import ConceptPack
+def routers_of(config: Any) -> dict[str, Any]:
+    """Routers of the packs that have one (loaded once per engine configuration)."""
+    routers = _ROUTERS.get(config.digest)
+    if routers is None:
+        from erasekit.steering.router import ConceptRouter
 
-        methods = {name: ConceptPack.from_pretrained(entry.pack).method
-                   for name, entry in config.policy.entries.items() if entry.pack}
-        _METHODS[config.digest] = methods
-    return methods
+        routers = {n: r for n, p in config.packs.items() if (r := ConceptRouter.from_pack(p)) is not None}
+        _ROUTERS[config.digest] = routers
+    return routers
 
 
 def request_salt(config: Any, active: frozenset[str], prompt_token_ids: Any, user_salt: str | None) -> str | None:
@@ -135,7 +135,7 @@ def request_salt(config: Any, active: frozenset[str], prompt_token_ids: Any, use
     from erasekit.integrations import vllm_config as cfg
 
     salt = cfg.salt_for(active, config.digest, user_salt)
-    if active and not all(_methods_of(config).get(n) in PREFIX_SAFE_METHODS for n in active):
+    if active and not all(config.packs[n].method in PREFIX_SAFE_METHODS for n in active):
         ids = prompt_token_ids if prompt_token_ids is not None else []
         tag = hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()[:16]
         salt = f"{salt}|p{tag}"
@@ -165,6 +165,17 @@ def _patch_input_processor() -> None:
         except ErasekitError as exc:
             raise VLLMValidationError(str(exc), parameter=cfg.REQUEST_KEY, value=str(value)[:200]) from None
         request = original(self, request_id, prompt, params, *args, **kwargs)
+        extra = request.sampling_params.extra_args
+        if extra is not None:
+            extra.pop(cfg.ROUTED_OUT_KEY, None)  # only the front end may write this key
+        routers = routers_of(config)
+        routed = [n for n in sorted(active) if n in routers]
+        if routed and request.prompt_token_ids is not None and self.tokenizer is not None:
+            text = self.tokenizer.decode(list(request.prompt_token_ids), skip_special_tokens=True)
+            out = [n for n in routed if not routers[n].matches(text)]
+            if out:
+                request.sampling_params.extra_args = {**(extra or {}), cfg.ROUTED_OUT_KEY: out}
+                active = active - frozenset(out)
         request.cache_salt = request_salt(config, active, request.prompt_token_ids, request.cache_salt)
         return request
 

@@ -131,13 +131,20 @@ class EraseLogitsProcessor(LogitsProcessor):
         self.errors = 0
         self.requests_guarded = 0
         self.device = device
+        #: concepts whose packs have a router (set by install(); None = none may be routed out)
+        self.routed: frozenset[str] | None = None
 
     def is_argmax_invariant(self) -> bool:
         # apply() forces EOS for refused requests, which changes greedy results.
         return False
 
     def _resolve(self, params: Any) -> frozenset[str]:
-        return self.policy.resolve(request_toggles(params), where=cfg.REQUEST_KEY)
+        active = self.policy.resolve(request_toggles(params), where=cfg.REQUEST_KEY)
+        routed_out = (getattr(params, "extra_args", None) or {}).get(cfg.ROUTED_OUT_KEY)
+        if routed_out and self.routed is not None:
+            # Only concepts that have a router can be routed out; never a forged name.
+            active = active - (frozenset(routed_out) & self.routed)
+        return active
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         if batch_update is None:
@@ -342,6 +349,9 @@ def install(runner: Any) -> EngineEraser | None:
     wanted = sorted({layer for edit in edits.values() for layer in edit.layers})
     _, layer_list = find_decoder_layers(model, actual.num_layers)
     present = [i for i in wanted if type(layer_list[i]).__name__ != "PPMissingLayer"]
+    from erasekit.steering.router import ConceptRouter
+
+    carrier.routed = frozenset(n for n, p in packs.items() if ConceptRouter.from_pack(p) is not None)
     eraser = EngineEraser(runner, carrier, edits, present or wanted)
     for i in present:
         layer_list[i].register_forward_hook(_make_hook(i, eraser.key))

@@ -1,0 +1,229 @@
+"""Fast tests of the vLLM plugin's pieces, without starting an engine."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from vllm.sampling_params import SamplingParams  # noqa: E402
+from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality  # noqa: E402
+
+from erasekit import Concept, ModelFingerprint, PolicyError  # noqa: E402
+from erasekit.integrations import vllm_config as cfg  # noqa: E402
+from erasekit.integrations import vllm_plugin  # noqa: E402
+from erasekit.integrations.vllm_runtime import EngineEraser, EraseLogitsProcessor  # noqa: E402
+from erasekit.steering.add_vector import make_add_vector_pack  # noqa: E402
+from erasekit.steering.residual import AddVector, Phase  # noqa: E402
+
+FP = ModelFingerprint("LlamaForCausalLM", 8, 3, 32, "ab" * 32)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm_units")
+    concepts = {}
+    for i, (name, mandatory) in enumerate([("alpha", False), ("beta", False), ("always", True)]):
+        vec = torch.full((8,), float(i + 1))
+        pack = make_add_vector_pack(Concept(name, forget=("x",), retain=("y",)), FP, {1: vec})
+        path = pack.save_pretrained(root / name)
+        concepts[name] = {"pack": str(path), "mandatory": mandatory}
+    policy = root / "policy.json"
+    policy.write_text(json.dumps({"concepts": concepts, "max_requested": 2}))
+    return SimpleNamespace(root=root, policy=policy)
+
+
+def _vllm_config(section):
+    return SimpleNamespace(additional_config={cfg.CONFIG_KEY: section} if section is not None else {})
+
+
+def test_register_is_idempotent_and_patches_once():
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    vllm_plugin.register()
+    first = (EngineArgs.create_engine_config, InputProcessor.process_inputs)
+    vllm_plugin.register()
+    vllm_plugin._registered = False  # force the patch functions to run again
+    vllm_plugin.register()
+    assert (EngineArgs.create_engine_config, InputProcessor.process_inputs) == first
+    assert getattr(first[0], "_erasekit", False) and getattr(first[1], "_erasekit", False)
+
+
+def test_section_sources_and_errors(world, monkeypatch):
+    monkeypatch.delenv(cfg.ENV_VAR, raising=False)
+    assert cfg.section_from({}) is None and cfg.section_from_env() is None
+    monkeypatch.setenv(cfg.ENV_VAR, str(world.policy))
+    assert cfg.section_from_env() == {"policy": str(world.policy.resolve())}
+    with pytest.raises(PolicyError, match="unknown key"):
+        cfg.section_from({"erasekit": {"policy": "p", "packs": []}})
+    with pytest.raises(PolicyError, match="missing"):
+        cfg.section_from({"erasekit": {}})
+    config = cfg.prepare_section({"policy": str(world.policy)})
+    assert len(config.digest) == 64 and config.section["digest"] == config.digest
+    with pytest.raises(PolicyError, match="changed on disk"):
+        cfg.prepare_section({"policy": str(world.policy), "digest": "0" * 64})
+
+
+def test_pack_for_another_model_is_refused(world):
+    config = cfg.prepare_section({"policy": str(world.policy)})
+    other = ModelFingerprint("LlamaForCausalLM", 8, 3, 32, "cd" * 32)
+    with pytest.raises(Exception, match="embedding_sha256"):
+        cfg.check_packs(config.packs, other, has_hash=True)
+    cfg.check_packs(config.packs, other, has_hash=False)  # a rank without the embedding rows skips the hash only
+    with pytest.raises(Exception, match="hidden_size"):
+        cfg.check_packs(config.packs, ModelFingerprint("LlamaForCausalLM", 16, 3, 32, ""), has_hash=False)
+
+
+def test_salt_separates_concept_sets():
+    d = "f" * 64
+    assert cfg.salt_for(frozenset(), d, None) is None
+    assert cfg.salt_for(frozenset(), d, "user") == "user"
+    a = cfg.salt_for(frozenset({"alpha"}), d, None)
+    assert a.startswith(cfg.SALT_PREFIX)
+    assert a != cfg.salt_for(frozenset({"alpha", "beta"}), d, None)
+    assert a != cfg.salt_for(frozenset({"alpha"}), "e" * 64, None)
+    assert cfg.salt_for(frozenset({"alpha"}), d, "user").endswith("|user")
+
+
+def _lp(world):
+    config = cfg.prepare_section({"policy": str(world.policy)})
+    return EraseLogitsProcessor(_vllm_config(config.section), torch.device("cpu"), False)
+
+
+def _sp(erase=None):
+    return SamplingParams(extra_args={"erase": erase} if erase is not None else None)
+
+
+def test_validate_params_rejects_bad_toggles_with_parameter_name(world):
+    from vllm.exceptions import VLLMValidationError
+
+    EraseLogitsProcessor.validate_params(_sp(["alpha"]))
+    for bad in (["Alpha!"], [1], "[not json", {"alpha": "yes"}):
+        with pytest.raises(VLLMValidationError) as info:
+            EraseLogitsProcessor.validate_params(_sp(bad))
+        assert info.value.parameter == "erase"
+
+
+def test_carrier_tracks_slots_through_add_remove_move(world):
+    lp = _lp(world)
+    assert lp.is_argmax_invariant() is False
+    lp.update_state(BatchUpdate(3, removed=[], added=[(0, _sp(), [1], []), (1, _sp(["alpha"]), [1], []),
+                                                     (2, _sp("beta"), [1], [])], moved=[]))
+    assert lp.slots == {0: {"always"}, 1: {"always", "alpha"}, 2: {"always", "beta"}}
+    lp.update_state(BatchUpdate(3, removed=[], added=[], moved=[(1, 2, MoveDirectionality.SWAP)]))
+    assert lp.slots[1] == {"always", "beta"} and lp.slots[2] == {"always", "alpha"}
+    lp.update_state(BatchUpdate(2, removed=[0], added=[], moved=[(2, 0, MoveDirectionality.UNIDIRECTIONAL)]))
+    assert lp.slots == {0: {"always", "alpha"}, 1: {"always", "beta"}}
+    lp.update_state(None)  # no change this step
+    assert len(lp.slots) == 2
+    # A forged router key cannot switch off a concept that has no router.
+    lp.routed = frozenset()
+    forged = SamplingParams(extra_args={"erase": ["alpha"], cfg.ROUTED_OUT_KEY: ["always", "alpha"]})
+    lp.update_state(BatchUpdate(3, removed=[], added=[(2, forged, [1], [])], moved=[]))
+    assert lp.slots[2] == {"always", "alpha"}
+    logits = torch.zeros(3, 5)
+    assert lp.apply(logits) is logits and bool((logits == 0).all())
+
+
+def test_worker_never_raises_and_refuses_per_on_error(world):
+    lp = _lp(world)
+    bad = SamplingParams(extra_args={"erase": ["nope"]})  # cannot pass admission; simulate a bug
+    lp.update_state(BatchUpdate(2, removed=[], added=[(0, bad, [1], []), (1, _sp(), [1], [])], moved=[]))
+    assert lp.errors == 1 and 0 in lp.refused and 1 in lp.slots
+    logits = torch.zeros(2, 5)
+    out = lp.apply(logits)
+    assert torch.isinf(out[0]).sum() == 4 and bool((out[1] == 0).all())
+    lp.update_state(BatchUpdate(1, removed=[0], added=[], moved=[]))
+    assert not lp.refused
+
+
+class _FakeBatch:
+    def __init__(self, lengths, computed, prompt):
+        self.num_reqs = len(lengths)
+        self.num_computed_tokens_cpu = np.array(computed)
+        self.num_prompt_tokens = np.array(prompt)
+
+
+def _fake_runner(lengths, computed, prompt):
+    qsl = np.zeros(len(lengths) + 4, dtype=np.int32)
+    qsl[1 : len(lengths) + 1] = np.cumsum(lengths)
+    qsl[len(lengths) + 1 :] = qsl[len(lengths)]
+    return SimpleNamespace(input_batch=_FakeBatch(lengths, computed, prompt), query_start_loc=SimpleNamespace(np=qsl))
+
+
+def test_eraser_edits_only_active_rows_with_phase_split():
+    # slot 0: decode (1 row); slot 1: prefill of 3 rows; slot 2: mixed chunk (2 prompt + 1 output rows)
+    runner = _fake_runner([1, 3, 3], computed=[5, 0, 3], prompt=[4, 3, 5])
+    carrier = SimpleNamespace(slots={1: frozenset({"a"}), 2: frozenset({"a", "p"})}, refused={}, errors=0,
+                              fail_slots=lambda s: None)
+    edits = {"a": AddVector("a", {0: torch.ones(4)}),
+             "p": AddVector("p", {0: torch.full((4,), 10.0)}, frozenset({Phase.PREFILL}))}
+    eraser = EngineEraser(runner, carrier, edits, [0])
+    hidden = torch.randn(9, 4)  # 7 real rows + 2 padding rows
+    residual = torch.randn(9, 4)
+    before = hidden + residual
+    h, r = hidden.clone(), residual.clone()
+    torch.ops.erasekit.vllm_edit_(h, r, 0, eraser.key)
+    after = h + r
+    expected = before.clone()
+    expected[1:7] += 1.0  # concept a on slots 1 and 2, both phases
+    expected[4:6] += 10.0  # concept p: prefill rows of slot 2 only
+    torch.testing.assert_close(after, expected)
+    # untouched rows are bit-identical, in both tensors
+    assert torch.equal(h[0], hidden[0]) and torch.equal(r[0], residual[0])
+    assert torch.equal(h[7:], hidden[7:]) and torch.equal(r[7:], residual[7:])
+
+
+def test_benign_step_writes_nothing():
+    runner = _fake_runner([2, 2], computed=[0, 0], prompt=[2, 2])
+    carrier = SimpleNamespace(slots={}, refused={}, errors=0, fail_slots=lambda s: None)
+    eraser = EngineEraser(runner, carrier, {"a": AddVector("a", {0: torch.ones(4)})}, [0])
+    h, r = torch.randn(4, 4), torch.randn(4, 4)
+    h0, r0 = h.clone(), r.clone()
+    torch.ops.erasekit.vllm_edit_(h, r, 0, eraser.key)
+    assert torch.equal(h, h0) and torch.equal(r, r0) and eraser.steps_edited == 0
+
+
+def test_failing_edit_is_counted_not_raised():
+    class Boom(AddVector):
+        def edit(self, *a, **k):
+            raise RuntimeError("boom")
+
+    failed = []
+    runner = _fake_runner([2], computed=[0], prompt=[2])
+    carrier = SimpleNamespace(slots={0: frozenset({"a"})}, refused={}, errors=0, fail_slots=failed.append)
+    eraser = EngineEraser(runner, carrier, {"a": Boom("a", {0: torch.ones(4)})}, [0])
+    h, r = torch.randn(2, 4), torch.randn(2, 4)
+    torch.ops.erasekit.vllm_edit_(h, r, 0, eraser.key)
+    assert failed == [[0]]
+
+
+def test_op_survives_torch_compile():
+    """The point of the opaque op: a compiled graph keeps calling it, so live state is honoured.
+
+    A plain Python hook would be traced once with an empty slot table and never edit again;
+    this test fails if the edit is baked out of the compiled graph.
+    """
+    runner = _fake_runner([3], computed=[0], prompt=[3])
+    carrier = SimpleNamespace(slots={}, refused={}, errors=0, fail_slots=lambda s: None)
+    eraser = EngineEraser(runner, carrier, {"a": AddVector("a", {0: torch.ones(4)})}, [0])
+
+    def layer(h, r):
+        h = h * 1.0
+        r = r * 1.0
+        torch.ops.erasekit.vllm_edit_(h, r, 0, eraser.key)
+        return h + r
+
+    compiled = torch.compile(layer, fullgraph=True, backend="eager", dynamic=False)
+    h, r = torch.zeros(3, 4), torch.zeros(3, 4)
+    assert torch.equal(compiled(h, r), torch.zeros(3, 4))  # traced while nothing was active
+    carrier.slots[0] = frozenset({"a"})
+    assert torch.equal(compiled(h, r), torch.ones(3, 4))  # same compiled graph now edits
+    carrier.slots.clear()
+    assert torch.equal(compiled(h, r), torch.zeros(3, 4))
