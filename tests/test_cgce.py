@@ -1,0 +1,120 @@
+"""CGCE classifier pieces: numpy / ONNX / torch twin agree, refinement moves only flagged rows, packs validate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from erasekit.classifiers import cgce
+from erasekit.classifiers.detector import OnnxDetector, fit_detector
+from erasekit.classifiers.features import concept_features_np, concept_features_torch
+from erasekit.classifiers.onnx_export import export_detector
+from erasekit.classifiers.twin import TorchTwin, refine
+from erasekit.errors import PackError
+from erasekit.guardrails.concept import Concept
+from erasekit.guardrails.fingerprint import ModelFingerprint
+from erasekit.guardrails.pack import ConceptPack
+
+T, D = 12, 16
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    rng = np.random.default_rng(0)
+    concept = rng.normal(size=(2, D)).astype(np.float32)
+    safe = rng.normal(size=(80, T, D)).astype(np.float32)
+    unsafe = rng.normal(size=(80, T, D)).astype(np.float32)
+    unsafe[:, 3:5] += 2 * concept  # the concept's tokens appear somewhere in the prompt
+    detector = fit_detector(unsafe, safe, concept)
+    return detector, export_detector(detector), concept, safe, unsafe
+
+
+def test_features_numpy_and_torch_agree():
+    rng = np.random.default_rng(1)
+    e, c = rng.normal(size=(3, T, D)).astype(np.float32), rng.normal(size=(4, D)).astype(np.float32)
+    a = concept_features_np(e, c, 0.1)
+    b = concept_features_torch(torch.from_numpy(e), torch.from_numpy(c), 0.1).numpy()
+    assert a.shape == (3, 2 * D + 1)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_onnx_sklearn_and_twin_agree(fitted):
+    detector, onnx_bytes, _, safe, unsafe = fitted
+    x = np.concatenate([unsafe[:10], safe[:10]])
+    p_sk = detector.predict_proba(x.reshape(len(x), -1))[:, 1]
+    p_onnx = OnnxDetector(onnx_bytes, T, D).predict_proba(x)
+    p_twin = torch.sigmoid(TorchTwin.from_detector(detector).logits(torch.from_numpy(x))).numpy()
+    np.testing.assert_allclose(p_onnx, p_sk, atol=1e-5)
+    np.testing.assert_allclose(p_twin, p_sk, atol=1e-5)
+    assert (p_sk[:10] > 0.5).all() and (p_sk[10:] < 0.5).all()
+
+
+def test_refine_moves_flagged_rows_under_target_only(fitted):
+    detector, _, _, safe, unsafe = fitted
+    twin = TorchTwin.from_detector(detector)
+    x = torch.from_numpy(np.concatenate([unsafe[:4], safe[:4]]))
+    flagged = torch.sigmoid(twin.logits(x)) > 0.5
+    assert flagged.tolist() == [True] * 4 + [False] * 4
+    result = refine(x, [twin], flagged[None], etas=[1.0], max_steps=50, targets=[0.2])
+    assert torch.equal(result.embeds[4:], x[4:])  # benign rows bit-identical
+    assert not torch.equal(result.embeds[:4], x[:4])
+    assert (torch.sigmoid(twin.logits(result.embeds[:4])) <= 0.2 + 1e-4).all()
+    assert result.steps >= 1
+
+
+def test_refine_zero_steps_changes_nothing(fitted):
+    detector, _, _, _, unsafe = fitted
+    twin = TorchTwin.from_detector(detector)
+    x = torch.from_numpy(unsafe[:2])
+    result = refine(x, [twin], torch.ones(1, 2, dtype=torch.bool), etas=[1.0], max_steps=0, targets=[0.5])
+    assert torch.equal(result.embeds, x)
+
+
+def test_refine_is_straight_through_for_gradients(fitted):
+    detector, _, _, _, unsafe = fitted
+    twin = TorchTwin.from_detector(detector)
+    x = torch.from_numpy(unsafe[:2]).clone().requires_grad_(True)
+    out = refine(x, [twin], torch.ones(1, 2, dtype=torch.bool), etas=[1.0], max_steps=5, targets=[0.5]).embeds
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+def _pack(fitted, **hp_over):
+    detector, onnx_bytes, *_ = fitted
+    hp = {**cgce.DEFAULTS, "seq_len": T, "embed_dim": D, **hp_over}
+    fp = ModelFingerprint("CLIPTextModel", D, 2, 100, "0" * 64)
+    return ConceptPack(Concept("red", forget=["a red ball"], retain=["a blue ball"]), "cgce", fp,
+                       cgce.pack_tensors_from_detector(detector), hp, onnx_bytes)
+
+
+def test_pack_round_trip_and_classifier(tmp_path, fitted):
+    pack = _pack(fitted)
+    loaded = ConceptPack.from_pretrained(pack.save_pretrained(tmp_path / "p"))
+    clf = cgce.CGCEClassifier.from_pack(loaded)
+    _, _, _, safe, unsafe = fitted
+    scores = clf.scores(torch.from_numpy(np.concatenate([unsafe[:3], safe[:3]])))
+    assert (scores[:3] > 0.5).all() and (scores[3:] < 0.5).all()
+
+
+@pytest.mark.parametrize("override, field", [
+    ({"target": 0.9}, "hyperparameters.target"),
+    ({"eta": -1.0}, "hyperparameters.eta"),
+    ({"max_steps": 2.5}, "hyperparameters.max_steps"),
+    ({"embed_dim": D + 1}, "tensors.concept_embedding"),
+    ({"threshold": True}, "hyperparameters.threshold"),
+])
+def test_bad_hyperparameters_are_refused(fitted, override, field):
+    with pytest.raises(PackError) as err:
+        _pack(fitted, **override).validate()
+    assert err.value.field == field and err.value.fix
+
+
+def test_missing_classifier_and_bad_onnx_are_refused(fitted):
+    pack = _pack(fitted)
+    pack.classifier_onnx = None
+    with pytest.raises(PackError, match="needs a classifier"):
+        pack.validate()
+    pack.classifier_onnx = b"not onnx"
+    with pytest.raises(PackError, match="onnxruntime cannot load"):
+        cgce.CGCEClassifier.from_pack(pack)

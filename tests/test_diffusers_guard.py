@@ -1,0 +1,199 @@
+"""The diffusers guard on a tiny random SD pipeline: toggles, bit-identity, detach, errors, IRECE plumbing."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from erasekit.errors import ErasekitError, PackError, PolicyError
+from erasekit.guardrails.concept import Concept
+from erasekit.guardrails.pack import ConceptPack
+from erasekit.integrations.diffusers import HOOK_NAME, DiffusersGuard, guard
+from erasekit.integrations.diffusers_calibrate import calibrate_cgce, calibrate_irece, encode_conditioning
+from erasekit.testing import build_tiny_sd_pipeline
+
+SHAPES = ["circle", "square", "star", "heart", "cross"]
+BACKS = ["white", "black", "grey"]
+KW = {"num_inference_steps": 2, "height": 32, "width": 32, "output_type": "pt"}
+RED = "a red star on a white background"
+BLUE = "a blue heart on a grey background"
+
+
+def _gen() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_tiny_sd_pipeline(0)
+
+
+@pytest.fixture(scope="module")
+def red_concept():
+    forget = [f"a red {s} on a {b} background" for s in SHAPES for b in BACKS]
+    retain = [f"a {c} {s} on a {b} background" for c in ("blue", "green") for s in SHAPES for b in BACKS]
+    return Concept("red", forget=forget, retain=retain, keywords=["red"])
+
+
+@pytest.fixture(scope="module")
+def packs(pipe, red_concept):
+    return calibrate_cgce(pipe, red_concept), calibrate_irece(pipe, red_concept, threshold=0.0, end=1.0)
+
+
+@pytest.fixture(scope="module")
+def baseline(pipe):
+    return pipe([RED, BLUE], generator=_gen(), **KW).images
+
+
+def test_flagged_prompt_refined_benign_bit_identical(pipe, packs, baseline):
+    with guard(pipe, [packs[0]]) as g:
+        out = g([RED, BLUE], generator=_gen(), erase=["red"], **KW).images
+        report = g.last_report
+    assert report.flagged["red"] == [2]  # CFG rows [uncond RED, uncond BLUE, RED, BLUE]: only cond RED
+    assert not torch.equal(out[0], baseline[0])
+    assert torch.equal(out[1], baseline[1])
+
+
+def test_no_erase_is_bit_identical_and_per_prompt_toggles(pipe, packs, baseline):
+    with guard(pipe, [packs[0]]) as g:
+        assert torch.equal(g([RED, BLUE], generator=_gen(), **KW).images, baseline)
+        per_prompt = g([RED, RED], generator=_gen(), erase=[[], ["red"]], **KW).images
+        unguarded = pipe([RED, RED], generator=_gen(), **KW).images
+    # The first prompt did not ask for red: it matches the unguarded image for the same noise.
+    assert torch.equal(per_prompt[0], unguarded[0])
+    assert not torch.equal(per_prompt[1], per_prompt[0])
+
+
+def test_prompt_embeds_input_matches_prompt_input(pipe, packs):
+    embeds, negative = pipe.encode_prompt([RED], "cpu", 1, True)
+    with guard(pipe, [packs[0]]) as g:
+        by_text = g([RED], generator=_gen(), erase=["red"], **KW).images
+        by_embeds = g(prompt_embeds=embeds, negative_prompt_embeds=negative, generator=_gen(), erase=["red"],
+                      **KW).images
+        assert g.last_report.flagged["red"] == [1]
+    torch.testing.assert_close(by_text, by_embeds)
+
+
+def test_detach_restores_exact_behaviour(pipe, packs, baseline):
+    processors = dict(pipe.unet.attn_processors)
+    g = guard(pipe, list(packs))
+    assert pipe.unet._diffusers_hook.get_hook(HOOK_NAME) is not None
+    assert any(type(p).__name__ == "_CaptureProcessor" for p in pipe.unet.attn_processors.values())
+    g.detach()
+    assert pipe.unet._diffusers_hook.get_hook(HOOK_NAME) is None
+    assert all(pipe.unet.attn_processors[k] is v for k, v in processors.items())
+    assert torch.equal(pipe([RED, BLUE], generator=_gen(), **KW).images, baseline)
+    with pytest.raises(ErasekitError, match="detached"):
+        g([RED], erase=["red"], **KW)
+
+
+def test_second_guard_on_same_pipeline_refused(pipe, packs):
+    with guard(pipe, [packs[0]]):
+        with pytest.raises(ErasekitError, match="already guarded"):
+            guard(pipe, [packs[0]])
+
+
+def test_erasing_block_guards_direct_module_calls(pipe, packs):
+    embeds = encode_conditioning(pipe, [RED, BLUE])
+    sample, t = torch.randn(2, 4, 4, 4, generator=_gen()), torch.tensor(500)
+    with guard(pipe, [packs[0]]) as g:
+        plain = pipe.unet(sample, t, encoder_hidden_states=embeds).sample
+        with g.erasing(["red"]) as state:
+            guarded = pipe.unet(sample, t, encoder_hidden_states=embeds).sample
+        assert state.report.flagged["red"] == [0]
+        after = pipe.unet(sample, t, encoder_hidden_states=embeds).sample
+    assert torch.equal(plain, after)
+    assert not torch.equal(guarded[0], plain[0]) and torch.equal(guarded[1], plain[1])
+
+
+def test_irece_perturbs_only_toggled_rows_and_chains_user_callback(pipe, packs, baseline):
+    calls = []
+
+    def user_callback(p, step, timestep, tensors):
+        calls.append(step)
+        return {}
+
+    with guard(pipe, [packs[1]]) as g:
+        out = g([RED, BLUE], generator=_gen(), erase=[["red"], []], callback_on_step_end=user_callback, **KW).images
+        masked = g.last_report.irece_masked_fraction["red"]
+    assert calls == [0, 1]
+    assert masked and max(masked) > 0
+    assert not torch.equal(out[0], baseline[0]) and torch.equal(out[1], baseline[1])
+
+
+def test_mandatory_concepts_always_on_and_cannot_be_disabled(pipe, packs, baseline):
+    with guard(pipe, [packs[0]], mandatory=["red"]) as g:
+        out = g([RED, BLUE], generator=_gen(), **KW).images
+        assert not torch.equal(out[0], baseline[0])
+        with pytest.raises(PolicyError, match="mandatory"):
+            g([RED], erase=["-red"], **KW)
+
+
+@pytest.mark.parametrize("erase, match", [
+    (["blue"], "unknown concept"),
+    ([["red"], ["red"], ["red"]], "per-prompt lists"),
+    (["Red!"], "invalid concept name"),
+    (7, "expected a list"),
+])
+def test_bad_erase_values(pipe, packs, erase, match):
+    with guard(pipe, [packs[0]]) as g:
+        with pytest.raises(ErasekitError, match=match):
+            g([RED, BLUE], erase=erase, **KW)
+        assert g._current() is None
+        g([RED], erase=["red"], **KW)  # the guard still works after a refused request
+
+
+def test_pack_for_another_text_encoder_refused_nothing_attached(packs):
+    other = build_tiny_sd_pipeline(1)
+    with pytest.raises(PackError, match="embedding_sha256"):
+        guard(other, [packs[0]])
+    registry = getattr(other.unet, "_diffusers_hook", None)
+    assert registry is None or registry.get_hook(HOOK_NAME) is None
+
+
+def test_mismatched_embedding_shapes(pipe, packs):
+    wrong = torch.randn(1, 10, 32)
+    with guard(pipe, [packs[0]]) as g:
+        with pytest.raises(ErasekitError, match=r"reads \[N, 77, 32\]"):
+            g(prompt_embeds=wrong, negative_prompt_embeds=wrong, erase=["red"], **KW)
+        assert g._current() is None
+    wide = build_tiny_sd_pipeline(0, text_hidden_size=16)
+    with pytest.raises(PackError):
+        guard(wide, [packs[0]])
+    assert wide.unet._diffusers_hook.get_hook(HOOK_NAME) is None if hasattr(wide.unet, "_diffusers_hook") else True
+
+
+def test_saved_packs_load_into_guard(tmp_path, pipe, packs):
+    paths = [p.save_pretrained(tmp_path / p.method) for p in packs]
+    g = DiffusersGuard(pipe, packs=paths)
+    try:
+        assert g.concepts == frozenset({"red"})
+        assert isinstance(g.packs[0], ConceptPack)
+    finally:
+        g.detach()
+
+
+def test_concurrent_calls_on_separate_pipelines(packs):
+    pipes = [build_tiny_sd_pipeline(0), build_tiny_sd_pipeline(0)]
+    expected = pipes[0]([RED], generator=_gen(), **KW).images
+    guards = [guard(p, [packs[0]]) for p in pipes]
+    with guards[0]:
+        reference = guards[0]([RED], generator=_gen(), erase=["red"], **KW).images
+    results: dict[int, torch.Tensor] = {}
+
+    def work(i: int) -> None:
+        erase = ["red"] if i == 0 else []
+        results[i] = guards[i]([RED], generator=_gen(), erase=erase, **KW).images
+
+    guards[0].attach()
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for g in guards:
+        g.detach()
+    assert torch.equal(results[0], reference)
+    assert torch.equal(results[1], expected)
