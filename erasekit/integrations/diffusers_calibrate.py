@@ -77,13 +77,13 @@ def _tokenizer(pipe: DiffusionPipeline) -> Any:
     raise ErasekitError(type(pipe).__name__, "tokenizer", "pipeline has no tokenizer", "pass a text-conditioned pipeline")
 
 
-def concept_embedding(pipe: DiffusionPipeline, phrases: Sequence[str]) -> torch.Tensor:
+def concept_embedding(pipe: DiffusionPipeline, phrases: Sequence[str], **call_kwargs: Any) -> torch.Tensor:
     """The conditioning rows ``[K, D]`` of the concept's own words, each phrase encoded alone.
 
     Special tokens (BOS/EOS/padding) are dropped: they carry the whole prompt, not the concept.
     """
     tok = _tokenizer(pipe)
-    embeds = encode_conditioning(pipe, list(phrases))
+    embeds = encode_conditioning(pipe, list(phrases), **call_kwargs)
     special = set(tok.all_special_ids)
     rows = []
     for phrase, e in zip(phrases, embeds, strict=True):
@@ -114,16 +114,22 @@ def calibrate_cgce(
     C: float = 1.0,
     batch_size: int = 32,
     progress: bool = False,
+    encode_kwargs: dict[str, Any] | None = None,
     **hyperparameters: Any,
 ) -> ConceptPack:
-    """Fit a CGCE classifier on ``concept.forget`` (unsafe) vs ``concept.retain`` (safe) prompts."""
+    """Fit a CGCE classifier on ``concept.forget`` (unsafe) vs ``concept.retain`` (safe) prompts.
+
+    ``encode_kwargs`` go to the pipeline call that encodes prompts (e.g. ``max_sequence_length``):
+    they must match how the pipeline will be called, since the classifier reads that shape.
+    """
     if len(concept.forget) < 2 or len(concept.retain) < 2:
         raise ErasekitError("Concept", "forget/retain", "CGCE needs at least 2 prompts with and 2 without the concept",
                             "pass a few hundred of each (pairs that differ only by the concept work best)")
     hp = _apply_overrides(dict(cgce.DEFAULTS), hyperparameters, "cgce")
-    unsafe = encode_conditioning(pipe, concept.forget, batch_size, progress)
-    safe = encode_conditioning(pipe, concept.retain, batch_size, progress)
-    phrases = concept_embedding(pipe, _phrases(concept))
+    encode_kwargs = encode_kwargs or {}
+    unsafe = encode_conditioning(pipe, concept.forget, batch_size, progress, **encode_kwargs)
+    safe = encode_conditioning(pipe, concept.retain, batch_size, progress, **encode_kwargs)
+    phrases = concept_embedding(pipe, _phrases(concept), **encode_kwargs)
     detector = fit_detector(unsafe.numpy(), safe.numpy(), phrases.numpy(), tau=float(hp["tau"]), C=C)
     probs = detector.predict_proba(np.concatenate([unsafe, safe]).reshape(len(unsafe) + len(safe), -1))[:, 1]
     y = np.r_[np.ones(len(unsafe)), np.zeros(len(safe))]
@@ -136,10 +142,12 @@ def calibrate_cgce(
     )
 
 
-def calibrate_irece(pipe: DiffusionPipeline, concept: Concept, **hyperparameters: Any) -> ConceptPack:
+def calibrate_irece(
+    pipe: DiffusionPipeline, concept: Concept, encode_kwargs: dict[str, Any] | None = None, **hyperparameters: Any
+) -> ConceptPack:
     """An IRECE pack: the concept's conditioning rows plus localisation/perturbation hyperparameters."""
     hp = _apply_overrides(dict(irece.DEFAULTS), hyperparameters, "irece")
-    embedding = concept_embedding(pipe, _phrases(concept))
+    embedding = concept_embedding(pipe, _phrases(concept), **(encode_kwargs or {}))
     hp.update(embed_dim=int(embedding.shape[1]), denoiser_sha256=denoiser_sha256(pipe))
     return ConceptPack(concept=concept, method="irece", fingerprint=fingerprint_pipeline(pipe),
                        tensors={"concept_embedding": embedding}, hyperparameters=hp)
