@@ -527,11 +527,11 @@ class DiffusersGuard:
 
 def guard(
     pipe: DiffusionPipeline,
-    packs: Sequence[ConceptPack | str | Path] = (),
+    packs: Sequence[ConceptPack | str | Path] | None = (),
     policy: Policy | str | Path | None = None,
     mandatory: Sequence[str] = (),
 ) -> DiffusersGuard:
     """Guard ``pipe`` with ``packs``; ``policy`` may be a :class:`Policy` or a YAML/JSON file."""
     if isinstance(policy, str | Path):
         policy = Policy.from_file(policy)
-    return DiffusersGuard(pipe, packs=packs, policy=policy, mandatory=mandatory)
+    return DiffusersGuard(pipe, packs=packs or (), policy=policy, mandatory=mandatory)

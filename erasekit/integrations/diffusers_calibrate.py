@@ -153,6 +153,15 @@ def calibrate_irece(
                        tensors={"concept_embedding": embedding}, hyperparameters=hp)
 
 
+def calibrate(pipe: DiffusionPipeline, concept: Concept, method: str = "cgce", **kwargs: Any) -> ConceptPack:
+    """``erasekit.calibrate`` for diffusers pipelines: ``method`` is ``"cgce"`` (default) or ``"irece"``."""
+    if method == "cgce":
+        return calibrate_cgce(pipe, concept, **kwargs)
+    if method == "irece":
+        return calibrate_irece(pipe, concept, **kwargs)
+    raise ErasekitError("calibrate", "method", f"{method!r} is not a diffusion method", "use 'cgce' or 'irece'")
+
+
 def _read_lines(path: str, field: str) -> list[str]:
     p = Path(path)
     if not p.is_file():
