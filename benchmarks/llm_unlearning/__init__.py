@@ -1,0 +1,1 @@
+"""LLM unlearning benchmark: MLLMEraser and KIF on SmolLM2-135M and a tiny fictitious-facts LM."""
