@@ -1,0 +1,85 @@
+"""``erasekit bench diffusion [--tune] [--quick] [--concepts a,b] [--world DIR] [--out DIR]``
+
+Calibrates CGCE + IRECE packs on the trained world, optionally re-tunes IRECE, runs the world
+benchmark for both guards, times them, and prints the acceptance table (see the package docstring).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from benchmarks import diffusion_erasure as de
+    from erasekit.testing.diffusion_world import load_world
+
+    p = argparse.ArgumentParser(prog="erasekit bench diffusion", description=__doc__)
+    p.add_argument("--world", default=None, help="world weights folder (default: the committed one)")
+    p.add_argument("--concepts", default=None, help=f"comma-separated (default {','.join(de.EVAL_CONCEPTS)})")
+    p.add_argument("--tune", action="store_true", help="grid-search IRECE first and write irece_tuned.json")
+    p.add_argument("--tune-concepts", default=",".join(de.TUNE_CONCEPTS))
+    p.add_argument("--tune-images", type=int, default=6)
+    p.add_argument("--calibration-prompts", type=int, default=400)
+    p.add_argument("--quick", action="store_true", help="few images/steps (CI smoke)")
+    p.add_argument("--skip-eval", action="store_true", help="only tune (with --tune)")
+    p.add_argument("--overhead-reps", type=int, default=7)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default="bench_out/diffusion-erasure")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with de.quiet_libraries():
+        world = load_world(args.world)
+        world.pipe.set_progress_bar_config(disable=True)
+        cache = out / "packs"
+        if args.tune:
+            tune_concepts = args.tune_concepts.split(",")
+            packs = de.calibrate_packs(world, tune_concepts, args.calibration_prompts, None, cache)
+            from benchmarks.diffusion_world import FULL, QUICK
+
+            s = QUICK if args.quick else FULL
+            report = de.tune_irece(world, packs, args.tune_images, s.ti_steps, s.ti_images)
+            best = report["best"]
+            print(f"IRECE tuned on {tune_concepts}: CGCE-only attack CRR {report['cgce_only']['attack_crr']:.3f} -> "
+                  f"{best['attack_crr']:.3f} with {best['hyperparameters']} (benign ratio {best['benign_ratio']:.3f})")
+            (out / "irece_tuning.json").write_text(json.dumps(report, indent=2) + "\n")
+            if not args.quick:
+                de.TUNED_PATH.write_text(json.dumps({
+                    "hyperparameters": best["hyperparameters"], "attack_crr": best["attack_crr"],
+                    "cgce_only_attack_crr": report["cgce_only"]["attack_crr"], "benign_ratio": best["benign_ratio"],
+                    "tune_concepts": tune_concepts, "seed": report["seed"], "n_images": report["n_images"],
+                    "command": "python -m benchmarks.diffusion_erasure --tune " + " ".join(argv or sys.argv[1:]),
+                }, indent=2) + "\n")
+            if args.skip_eval:
+                return 0
+        concepts = args.concepts.split(",") if args.concepts else (["circle", "red"] if args.quick else
+                                                                   de.EVAL_CONCEPTS)
+        hp = de.tuned_irece_hyperparameters()
+        packs = de.calibrate_packs(world, concepts, args.calibration_prompts, hp, cache)
+        results = de.evaluate(world, packs, concepts, out, args.quick)
+        overhead = de.measure_overhead(world, packs, concepts[0], 2 if args.quick else args.overhead_reps)
+        report = {"concepts": concepts, "irece_hyperparameters": hp, "results": results, "overhead": overhead,
+                  "seconds": round(time.time() - t0, 1)}
+        report["acceptance"] = de.acceptance(results, overhead)
+    (out / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    table = de.markdown(report)
+    (out / "table.md").write_text(table + "\n")
+    print(table)
+    print(f"\nwrote {out}/results.json and table.md in {report['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
