@@ -52,8 +52,7 @@ def invalid_toggles(mandatory: str, optional: list[str]) -> list[Any]:
         7,                                            # wrong types (flat values pydantic accepts)
         True,
         3.5,
-        [optional[0]],                                # nested values: vllm_xargs takes flat values only
-        {optional[0]: True},
+        {optional[0]: True},                          # objects: vllm_xargs takes flat values and lists only
     ]
 
 
@@ -124,8 +123,8 @@ def plan_requests(n: int, seed: int, mandatory: str, optional: list[str]) -> lis
                                  probe_key=(p, c)))
         elif roll < 0.55:     # valid optional toggles in the shapes clients use
             names = rng.sample(optional, rng.randint(1, len(optional)))
-            shape = rng.choice(["csv", "json", "single"])
-            erase = ",".join(names) if shape == "csv" else json.dumps(names) if shape == "json" else names[0]
+            shape = rng.choice(["csv", "json", "single", "list"])
+            erase = {"csv": ",".join(names), "json": json.dumps(names), "single": names[0], "list": names}[shape]
             plans.append(Planned("valid_optional", endpoint, rng.choice(FILLER), erase, stream=rng.random() < 0.3))
         elif roll < 0.62:     # mandatory asked explicitly
             plans.append(Planned("mandatory_only", endpoint, rng.choice(FILLER), mandatory))
