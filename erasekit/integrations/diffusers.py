@@ -40,6 +40,9 @@ from erasekit.guardrails.policy import Policy, PolicyEntry
 from erasekit.steering import irece as irece_math
 
 HOOK_NAME = "erasekit_conditioning"
+#: Conditioning tensors remembered per call: a pipeline passes the same tensor at every step,
+#: so detection and refinement run once per call; the bound keeps training loops from piling up.
+_CACHE_ENTRIES = 8
 _TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 #: Denoiser config keys that hold the width of ``encoder_hidden_states``, per architecture.
 _COND_DIM_KEYS = ("cross_attention_dim", "joint_attention_dim", "text_embed_dim", "text_dim")
@@ -455,6 +458,8 @@ class DiffusersGuard:
             result = refine(embeds, twins, torch.stack(rows), etas=etas, max_steps=steps, targets=targets)
             out = result.embeds
             state.report.refine_steps = max(state.report.refine_steps, result.steps)
+        if len(state.cache) >= _CACHE_ENTRIES:  # long erasing() blocks (an attacker's training loop)
+            state.cache.pop(next(iter(state.cache)))
         state.cache[key] = (embeds, out)
         return out
 
