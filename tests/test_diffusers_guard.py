@@ -197,3 +197,11 @@ def test_concurrent_calls_on_separate_pipelines(packs):
         g.detach()
     assert torch.equal(results[0], reference)
     assert torch.equal(results[1], expected)
+
+
+def test_no_state_leaks_between_calls(pipe, packs, baseline):
+    with guard(pipe, list(packs)) as g:
+        g([RED, BLUE], generator=_gen(), erase=["red"], **KW)
+        after = g([RED, BLUE], generator=_gen(), **KW).images
+        assert g.last_report.flagged == {} and g._current() is None
+    assert torch.equal(after, baseline)
