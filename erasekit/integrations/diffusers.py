@@ -129,6 +129,7 @@ class CallReport:
     scores: dict[str, list[float]] = field(default_factory=dict)  # concept -> P(concept) per row
     refine_steps: int = 0
     irece_masked_fraction: dict[str, list[float]] = field(default_factory=dict)  # concept -> per step
+    irece_max_share: dict[str, list[list[float]]] = field(default_factory=dict)  # concept -> per step, per image
 
 
 class _CallState:
@@ -525,6 +526,7 @@ class DiffusersGuard:
             mask = irece_math.build_mask(share, concept.threshold, concept.dilate)
             mask = mask & state.rows(concept.name, b, latents.device)[:, None, None, None]
             state.report.irece_masked_fraction.setdefault(concept.name, []).append(float(mask.float().mean()))
+            state.report.irece_max_share.setdefault(concept.name, []).append(share.flatten(1).amax(1).tolist())
             gen = torch.Generator(device="cpu").manual_seed(concept.seed + 1000003 * step)
             out = irece_math.perturb_latents(out, mask, concept.strength, gen)
         return out
