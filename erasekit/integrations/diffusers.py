@@ -475,7 +475,10 @@ class DiffusersGuard:
 
     def _capture(self, state: _CallState, name: str, attn: Any, hidden: torch.Tensor, context: torch.Tensor) -> None:
         with torch.no_grad():
-            h = hidden
+            h, context = hidden, context
+            images = len(state.per_prompt or ()) * state.images_per_prompt
+            if images and hidden.shape[0] == 2 * images:  # CFG [uncond, cond]: the mask uses cond only
+                h, context = hidden[images:], context[images:]
             if h.ndim == 4:
                 b, c, hh, ww = h.shape
                 h = h.view(b, c, hh * ww).transpose(1, 2)
