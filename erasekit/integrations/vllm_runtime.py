@@ -68,15 +68,24 @@ def _erasekit_edit_fake(hidden: torch.Tensor, residual: torch.Tensor, layer: int
     return None
 
 
-def _make_hook(layer: int, engine: int):
-    def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
+def _make_hook(layer: int, engine: int, eager: bool):
+    """The layer hook. Compiled engines must go through the opaque op; eager ones skip the
+    dispatcher and return at once when no slot is active (benign traffic costs one dict check)."""
+    eraser = _ENGINES[engine]
+
+    def compiled_hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
         if not (isinstance(output, tuple) and len(output) == 2 and output[1] is not None):
             return output  # unsupported layout: install() refuses such models up front
         hidden, residual = output
         torch.ops.erasekit.vllm_edit_(hidden, residual, layer, engine)
         return hidden, residual
 
-    return hook
+    def eager_hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
+        if eraser.carrier.slots and isinstance(output, tuple) and len(output) == 2 and output[1] is not None:
+            eraser.apply(layer, output[0], output[1])
+        return None
+
+    return eager_hook if eager else compiled_hook
 
 
 # ------------------------------------------------------------------------------ carrier
@@ -234,6 +243,8 @@ class EngineEraser:
             for layer in edits[name].layers:
                 self.by_layer[layer].append(name)
         self.plan = _Plan()
+        self._plan_key: tuple = ()
+        self._plan_device: torch.device | None = None
         self.steps_edited = 0
         with _KEY_LOCK:
             self.key = next(_NEXT_KEY)
@@ -247,6 +258,7 @@ class EngineEraser:
         computed = batch.num_computed_tokens_cpu
         prompt_len = batch.num_prompt_tokens
         if num_reqs == 0 or int(qsl[num_reqs]) > num_rows:
+            self._plan_key = ()
             return _Plan()  # dummy/profile run or a layout we do not understand: touch nothing
         segments: dict[tuple[str, Phase], list[tuple[int, int, int]]] = defaultdict(list)
         for slot, concepts in self.carrier.slots.items():
@@ -268,16 +280,19 @@ class EngineEraser:
                 for phase, a, b in parts:
                     if phase in edit.phases:
                         segments[(concept, phase)].append((slot, a, b))
+        key = tuple(sorted((c, p.value, tuple(sorted(segs, key=lambda x: x[1]))) for (c, p), segs in segments.items()))
+        if key == self._plan_key and self._plan_device == device:
+            return self.plan  # steady decode: same requests in the same slots, reuse the index tensors
         plan = _Plan()
-        for (concept, phase), segs in sorted(segments.items(), key=lambda kv: (kv[0][0], kv[0][1].value)):
-            segs.sort(key=lambda s: s[1])
+        for concept, phase_name, segs in key:
             lengths = np.array([b - a for _, a, b in segs], dtype=np.int64)
             index = np.concatenate([np.arange(a, b, dtype=np.int64) for _, a, b in segs])
             sub_qsl = np.concatenate([[0], np.cumsum(lengths)])
             idx_t = torch.from_numpy(index).to(device, non_blocking=True)
             layout = TokenLayout.from_query_start_loc(torch.from_numpy(sub_qsl).to(device, non_blocking=True))
             rows = torch.ones(index.shape[0], dtype=torch.bool, device=device)
-            plan.groups.append(_Group(concept, phase, idx_t, layout, rows, [s for s, _, _ in segs]))
+            plan.groups.append(_Group(concept, Phase(phase_name), idx_t, layout, rows, [s for s, _, _ in segs]))
+        self._plan_key, self._plan_device = key, device
         return plan
 
     def apply(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor) -> None:
@@ -353,8 +368,11 @@ def install(runner: Any) -> EngineEraser | None:
 
     carrier.routed = frozenset(n for n, p in packs.items() if ConceptRouter.from_pack(p) is not None)
     eraser = EngineEraser(runner, carrier, edits, present or wanted)
+    from vllm.config import CompilationMode
+
+    eager = vllm_config.compilation_config.mode == CompilationMode.NONE
     for i in present:
-        layer_list[i].register_forward_hook(_make_hook(i, eraser.key))
+        layer_list[i].register_forward_hook(_make_hook(i, eraser.key, eager))
     runner._erasekit_eraser = eraser
     logger.info("erasekit: guarding %s with concepts %s (mandatory %s) at layers %s, on_error=%s",
                 architecture, sorted(edits), sorted(config.policy.mandatory), present, config.policy.on_error)
@@ -364,11 +382,14 @@ def install(runner: Any) -> EngineEraser | None:
 def _find_carrier(runner: Any) -> Any:
     batch = getattr(runner, "input_batch", None)
     procs = getattr(getattr(batch, "logitsprocs", None), "all", None)
-    for proc in (procs() if callable(procs) else procs) or ():
+    found = list((procs() if callable(procs) else procs) or ())
+    for proc in found:
         if type(proc).__name__ == "EraseLogitsProcessor":
             return proc
+    configured = getattr(runner.vllm_config.model_config, "logits_processors", None)
     raise ErasekitError("vLLM engine", "logits_processors",
-                        "erasekit is configured but its request carrier (EraseLogitsProcessor) is not loaded, "
+                        f"erasekit is configured but its request carrier (EraseLogitsProcessor) is not loaded "
+                        f"(loaded: {[type(p).__name__ for p in found]}, configured: {configured}), "
                         "so per-request toggles could not be honoured (speculative decoding and pooling models "
                         "skip custom logits processors)",
                         "serve without speculative decoding, or unset ERASEKIT_CONFIG")

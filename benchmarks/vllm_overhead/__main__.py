@@ -1,0 +1,190 @@
+"""Throughput cost of the erasekit vLLM plugin, measured against stock vLLM in one run.
+
+    python -m benchmarks.vllm_overhead [--model tiny|smollm2] [--eager] [--reps 5]
+    erasekit bench vllm [same options]
+
+Two engines with identical settings live side by side in this process: stock vLLM (the
+erasekit plugin is excluded from its processes with ``VLLM_PLUGINS``) and vLLM with erasekit
+configured. Repetitions are interleaved (stock, erasekit-no-toggles, erasekit-half-toggled, ...)
+so load from other processes on the machine hits every mode alike; medians are reported as
+ratios to stock. The transformers guard runs the same prompts (batched, left-padded) on the
+same weights and packs for the last column. Output: a table on stdout and
+``benchmarks/results/vllm_overhead.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+RESULTS = Path(__file__).resolve().parent.parent / "results" / "vllm_overhead.json"
+PROMPTS = [
+    "Write a short story about a lighthouse keeper.",
+    "Explain how a steam engine works.",
+    "List some facts about the planet Mars.",
+    "Describe the rules of chess to a beginner.",
+    "What makes bread rise when it is baked?",
+    "Summarise the plot of a detective novel.",
+    "Give advice to someone learning to cook.",
+    "Describe a walk through an autumn forest.",
+]
+
+
+def _prompts(n: int) -> list[str]:
+    return [PROMPTS[i % len(PROMPTS)] + f" (variant {i})" for i in range(n)]
+
+
+def _engine(model_dir: Path, policy: Path | None, eager: bool, max_num_seqs: int):
+    from vllm import LLM
+
+    kwargs = {"additional_config": {"erasekit": {"policy": str(policy)}}} if policy else {}
+    saved = os.environ.get("VLLM_PLUGINS")
+    if policy is None:
+        os.environ["VLLM_PLUGINS"] = "none-stock-run"  # the plugin is not even loaded in stock's processes
+    try:
+        return LLM(model=str(model_dir), dtype="float32" if "tiny" in model_dir.name else "bfloat16",
+                   max_model_len=512, gpu_memory_utilization=0.2, enforce_eager=eager, seed=0,
+                   max_num_seqs=max_num_seqs, **kwargs)
+    finally:
+        if saved is None:
+            os.environ.pop("VLLM_PLUGINS", None)
+        else:
+            os.environ["VLLM_PLUGINS"] = saved
+
+
+def _run(llm, prompts, toggles, max_tokens: int) -> tuple[float, int]:
+    from vllm import SamplingParams
+
+    params = [SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                             extra_args={"erase": t} if t else None) for t in toggles]
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    return elapsed, sum(len(o.outputs[0].token_ids) for o in outs)
+
+
+def _transformers_guard(model_dir: Path, policy: Path, prompts, toggles, max_tokens: int, reps: int) -> float:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from erasekit.integrations.transformers import TransformersGuard
+
+    dtype = torch.float32 if "tiny" in model_dir.name else torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    rates = []
+    with TransformersGuard(model, policy=str(policy), tokenizer=tok) as guard:
+        for _ in range(reps):
+            start = time.perf_counter()
+            out = guard.generate(**batch, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
+                                 erase=[t.split(",") if t else [] for t in toggles], pad_token_id=tok.pad_token_id)
+            elapsed = time.perf_counter() - start
+            rates.append((out.shape[1] - batch["input_ids"].shape[1]) * len(prompts) / elapsed)
+    return statistics.median(rates)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.vllm_overhead", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
+    parser.add_argument("--eager", action="store_true", help="enforce_eager=True (default: torch.compile on)")
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--hf-reps", type=int, default=2)
+    parser.add_argument("--layers", default="1,2", help="decoder layers the packs edit (comma-separated)")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args(argv)
+
+    from tqdm import tqdm
+
+    from erasekit.integrations.vllm_plugin import register
+    from erasekit.integrations.vllm_testing import write_world
+
+    # Load the plugin in this (front-end) process now: vLLM loads general plugins once per
+    # process, and the stock engine below is created with the plugin excluded.
+    register()
+
+    root = Path(tempfile.mkdtemp(prefix="erasekit-vllm-bench-"))
+    model_dir = None
+    if args.model == "smollm2":
+        from erasekit.testing import smollm2_dir
+
+        model_dir = smollm2_dir()
+    layers = [int(x) for x in args.layers.split(",")]
+    world = write_world(root, model_dir=model_dir, concepts={"alpha": {"layers": layers}, "beta": {"layers": layers}},
+                        norm=2.0)
+    prompts = _prompts(args.requests)
+    none = [None] * len(prompts)
+    half = ["alpha" if i % 4 == 1 else "alpha,beta" if i % 4 == 3 else None for i in range(len(prompts))]
+    full = ["alpha,beta"] * len(prompts)
+
+    print(f"starting engines ({args.model}, {'eager' if args.eager else 'torch.compile'}) ...", file=sys.stderr)
+    t0 = time.perf_counter()
+    stock = _engine(world.model_dir, None, args.eager, args.requests)
+    guarded = _engine(world.model_dir, world.policy_path, args.eager, args.requests)
+    startup = time.perf_counter() - t0
+
+    modes = {"stock": (stock, none), "erasekit_no_toggles": (guarded, none),
+             "erasekit_half_toggled": (guarded, half), "erasekit_all_toggled": (guarded, full)}
+    for llm, toggles in modes.values():  # warm-up
+        _run(llm, prompts, toggles, 8)
+    rates: dict[str, list[float]] = {m: [] for m in modes}
+    for _ in tqdm(range(args.reps), desc="interleaved reps", file=sys.stderr):
+        for mode, (llm, toggles) in modes.items():
+            elapsed, tokens = _run(llm, prompts, toggles, args.max_tokens)
+            rates[mode].append(tokens / elapsed)
+    stock.llm_engine.engine_core.shutdown()
+    guarded.llm_engine.engine_core.shutdown()
+
+    print("running the transformers guard on the same prompts ...", file=sys.stderr)
+    hf_rate = _transformers_guard(world.model_dir, world.policy_path, prompts, half, args.max_tokens, args.hf_reps)
+
+    median = {m: statistics.median(v) for m, v in rates.items()}
+    base = median["stock"]
+    result = {
+        "command": "python -m benchmarks.vllm_overhead " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "model": args.model, "compile": not args.eager, "requests": args.requests, "max_tokens": args.max_tokens,
+        "reps": args.reps, "edited_layers": layers, "engine_startup_s_both": round(startup, 1),
+        "tokens_per_s_median": {m: round(v, 1) for m, v in median.items()},
+        "tokens_per_s_all": {m: [round(x, 1) for x in v] for m, v in rates.items()},
+        "ratio_to_stock": {m: round(v / base, 4) for m, v in median.items()},
+        "transformers_guard_half_toggled_tokens_per_s": round(hf_rate, 1),
+        "vllm_half_toggled_over_transformers_guard": round(median["erasekit_half_toggled"] / hf_rate, 2),
+        "goals": {"no_toggles": 0.99, "half_toggled": 0.97, "vs_transformers_guard": 5.0},
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                    "load_avg_at_end": os.getloadavg()},
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+    print(f"\nvLLM overhead ({args.model}, {'eager' if args.eager else 'compiled'}, {args.requests} requests x "
+          f"{args.max_tokens} tokens, median of {args.reps} interleaved reps)")
+    print(f"{'mode':<26}{'tokens/s':>12}{'ratio':>9}{'goal':>8}")
+    goals = {"erasekit_no_toggles": "0.99", "erasekit_half_toggled": "0.97"}
+    for mode, value in median.items():
+        print(f"{mode:<26}{value:>12.1f}{value / base:>9.3f}{goals.get(mode, ''):>8}")
+    print(f"{'transformers_guard (half)':<26}{hf_rate:>12.1f}{'':>9}")
+    print(f"vLLM+erasekit (half toggled) / transformers guard: {median['erasekit_half_toggled'] / hf_rate:.1f}x "
+          f"(goal >= 5x)")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
