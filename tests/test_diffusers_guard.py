@@ -205,3 +205,16 @@ def test_no_state_leaks_between_calls(pipe, packs, baseline):
         after = g([RED, BLUE], generator=_gen(), **KW).images
         assert g.last_report.flagged == {} and g._current() is None
     assert torch.equal(after, baseline)
+
+
+def test_policy_file_with_a_folder_of_packs_per_concept(tmp_path, pipe, packs):
+    for p in packs:
+        p.save_pretrained(tmp_path / "packs" / "red" / p.method)
+    (tmp_path / "policy.yaml").write_text("concepts:\n  red: {pack: packs/red, mandatory: true}\n")
+    with guard(pipe, policy=tmp_path / "policy.yaml") as g:
+        assert sorted(p.method for p in g.packs) == ["cgce", "irece"]
+        assert g.policy.mandatory == frozenset({"red"})
+    (tmp_path / "policy.yaml").write_text("concepts:\n  blue: {pack: packs/red}\n")
+    with pytest.raises(PolicyError, match="holds concept 'red'"):
+        guard(pipe, policy=tmp_path / "policy.yaml")
+    assert pipe.unet._diffusers_hook.get_hook(HOOK_NAME) is None

@@ -235,7 +235,9 @@ class DiffusersGuard:
         self.last_report: CallReport | None = None
         loaded = [self._load(p, i) for i, p in enumerate(packs)]
         if policy is not None:
-            loaded += [self._load(e.pack, f"policy.{e.concept}") for e in policy.entries.values() if e.pack]
+            for entry in policy.entries.values():
+                if entry.pack:
+                    loaded += self._load_policy_entry(entry)
         self._check_packs(loaded)
         names = sorted({p.name for p in loaded})
         if policy is None:
@@ -263,6 +265,20 @@ class DiffusersGuard:
             return ConceptPack.from_pretrained(pack)
         raise ErasekitError("guard", f"packs[{index}]", f"expected a ConceptPack or a directory, got {type(pack).__name__}",
                             "pass ConceptPack objects or pack directory paths")
+
+    def _load_policy_entry(self, entry: PolicyEntry) -> list[ConceptPack]:
+        """A policy's ``pack`` is one pack directory, or a folder of them (e.g. ``red/cgce``, ``red/irece``)."""
+        root = Path(entry.pack)
+        if root.is_dir() and not (root / "manifest.json").exists():
+            subdirs = sorted(d for d in root.iterdir() if (d / "manifest.json").is_file())
+            packs = [ConceptPack.from_pretrained(d) for d in subdirs] or [ConceptPack.from_pretrained(root)]
+        else:
+            packs = [ConceptPack.from_pretrained(root)]
+        for pack in packs:
+            if pack.name != entry.concept:
+                raise PolicyError("policy", f"concepts.{entry.concept}.pack",
+                                  f"{pack.source} holds concept {pack.name!r}", "point the entry at that concept's pack")
+        return packs
 
     def _check_packs(self, packs: list[ConceptPack]) -> None:
         fingerprint = fingerprint_pipeline(self.pipe)
