@@ -1,0 +1,66 @@
+"""End to end on the trained diffusion world: CGCE erases a concept, benign prompts stay bit-identical,
+and IRECE lowers the concept rate of a DDIM-inverted real image that CGCE cannot see."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from erasekit.guardrails.concept import Concept
+from erasekit.integrations.diffusers import guard
+from erasekit.integrations.diffusers_calibrate import calibrate_cgce, calibrate_irece
+
+pytestmark = pytest.mark.slow
+CONCEPT = "red"
+N = 6
+
+
+@pytest.fixture(scope="module")
+def world():
+    from erasekit.testing.diffusion_world import default_weights_dir, load_world
+
+    if not (default_weights_dir() / "detector.safetensors").is_file():
+        pytest.skip("the trained world is not in this checkout (erasekit bench diffusion-world --train)")
+    torch.set_num_threads(1)
+    w = load_world()
+    w.pipe.set_progress_bar_config(disable=True)
+    return w
+
+
+@pytest.fixture(scope="module")
+def packs(world):
+    from benchmarks.diffusion_erasure import tuned_irece_hyperparameters
+
+    c = Concept(CONCEPT, forget=world.train_prompts(CONCEPT, 200, 1), retain=world.retain_prompts(CONCEPT, 200, 1),
+                keywords=[CONCEPT])
+    return calibrate_cgce(world.pipe, c), calibrate_irece(world.pipe, c, **tuned_irece_hyperparameters())
+
+
+def _rate(world, images) -> float:
+    return float(world.detector.finds(images, CONCEPT, world.family(CONCEPT)).float().mean())
+
+
+def test_cgce_erases_direct_prompts_and_keeps_benign_identical(world, packs):
+    direct = world.direct_prompts(CONCEPT, N, 21)
+    benign = [s.prompt for s in world.benign_specs(CONCEPT, N, 21)]
+    base_direct, base_benign = world.generate(direct, 0), world.generate(benign, 0)
+    with guard(world.pipe, [packs[0]]) as g:
+        guarded_direct = world.generate(direct, 0, call=g, erase=[CONCEPT])
+        guarded_benign = world.generate(benign, 0, call=g, erase=[CONCEPT])
+    assert _rate(world, base_direct) >= 0.5  # the world does draw the concept when asked
+    assert _rate(world, guarded_direct) <= _rate(world, base_direct) - 0.5
+    assert all(np.array_equal(a, b) for a, b in zip(base_benign, guarded_benign, strict=True))
+
+
+def test_irece_lowers_ddim_inversion_attack(world, packs):
+    from benchmarks.diffusion_world import NoGuard
+    from benchmarks.diffusion_world.attacks import ddim_invert
+
+    latents = ddim_invert(world, world.real_images(CONCEPT, N, 21), lambda: NoGuard(world.pipe).erasing([]))
+    kwargs = {"latents": latents, "guidance_scale": 1.0}
+    with guard(world.pipe, [packs[0]]) as g:
+        cgce_only = world.generate([""] * N, 0, call=g, erase=[CONCEPT], **kwargs)
+    with guard(world.pipe, list(packs)) as g:
+        both = world.generate([""] * N, 0, call=g, erase=[CONCEPT], **kwargs)
+    assert _rate(world, both) < _rate(world, cgce_only)
