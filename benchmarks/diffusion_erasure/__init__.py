@@ -69,8 +69,16 @@ def tuned_irece_hyperparameters() -> dict[str, Any]:
     return {}
 
 
+def tuned_cgce_hyperparameters() -> dict[str, Any]:
+    """CGCE refinement hyperparameters from the last ``--tune`` run (paper defaults if never tuned)."""
+    if TUNED_PATH.is_file():
+        return json.loads(TUNED_PATH.read_text()).get("cgce_hyperparameters", {})
+    return {}
+
+
 def calibrate_packs(world: World, concepts: list[str], n_prompts: int, irece_hp: dict[str, Any] | None,
-                    cache: Path | None = None) -> dict[str, dict[str, ConceptPack]]:
+                    cache: Path | None = None, cgce_hp: dict[str, Any] | None = None
+                    ) -> dict[str, dict[str, ConceptPack]]:
     """``{concept: {"cgce": pack, "irece": pack}}`` calibrated on training prompts (cached on disk)."""
     out: dict[str, dict[str, ConceptPack]] = {}
     for c in concepts:
@@ -83,6 +91,8 @@ def calibrate_packs(world: World, concepts: list[str], n_prompts: int, irece_hp:
             cg = calibrate_cgce(world.pipe, concept)
             if path is not None:
                 cg.save_pretrained(path)
+        if cgce_hp:
+            cg = with_hyperparameters(cg, **cgce_hp)
         ir = calibrate_irece(world.pipe, concept, **(irece_hp or {}))
         out[c] = {"cgce": cg, "irece": ir}
     return out
@@ -92,6 +102,36 @@ def with_hyperparameters(pack: ConceptPack, **hp: Any) -> ConceptPack:
     new = dataclasses.replace(pack, hyperparameters={**pack.hyperparameters, **hp}, source=None)
     new.validate()
     return new
+
+
+# ---------------------------------------------------------------------------- CGCE tuning
+CGCE_GRID = {"target": [0.5, 0.1, 0.01], "eta": [1.0, 3.0], "max_steps": [50]}
+
+
+def tune_cgce(world: World, packs: dict[str, dict[str, ConceptPack]], n: int, seed: int = 100,
+              progress: bool = True) -> dict[str, Any]:
+    """Pick the refinement target/step size on TRAINING-vocabulary prompts of the tuning concepts.
+
+    Scored by CRR on direct and multi-concept prompts (tuning seeds); ties go to the gentler
+    setting (higher target, smaller step). Paraphrases are never used here.
+    """
+    from tqdm.auto import tqdm
+
+    rows = []
+    configs = [dict(target=t, eta=e, max_steps=m)
+               for t, e, m in itertools.product(CGCE_GRID["target"], CGCE_GRID["eta"], CGCE_GRID["max_steps"])]
+    prompts = {c: world.direct_prompts(c, n, seed) + [s.prompt for s in world.multi_specs(c, n, seed)] for c in packs}
+    base = {c: float(world.detector.finds(world.generate(prompts[c], seed), c, world.family(c)).float().mean())
+            for c in packs}
+    for hp in tqdm(configs, desc="CGCE grid", disable=not progress):
+        per = {}
+        for c, p in packs.items():
+            with guard(world.pipe, [with_hyperparameters(p["cgce"], **hp)]) as g:
+                imgs = world.generate(prompts[c], seed, call=g, erase=[c])
+            per[c] = float(world.detector.finds(imgs, c, world.family(c)).float().mean())
+        rows.append({"hyperparameters": hp, "crr": float(np.mean(list(per.values()))), "per_concept": per})
+    best = min(rows, key=lambda r: (r["crr"], -r["hyperparameters"]["target"], r["hyperparameters"]["eta"]))
+    return {"best": best, "unguarded_crr": float(np.mean(list(base.values()))), "grid": rows, "seed": seed, "n": n}
 
 
 # ---------------------------------------------------------------------------- IRECE tuning

@@ -50,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
             from benchmarks.diffusion_world import FULL, QUICK
 
             s = QUICK if args.quick else FULL
+            cgce_report = de.tune_cgce(world, packs, args.tune_images)
+            cgce_hp = cgce_report["best"]["hyperparameters"]
+            print(f"CGCE tuned on {tune_concepts}: direct+multi CRR {cgce_report['unguarded_crr']:.3f} unguarded -> "
+                  f"{cgce_report['best']['crr']:.3f} with {cgce_hp}")
+            (out / "cgce_tuning.json").write_text(json.dumps(cgce_report, indent=2) + "\n")
+            packs = {c: {**p, "cgce": de.with_hyperparameters(p["cgce"], **cgce_hp)} for c, p in packs.items()}
             report = de.tune_irece(world, packs, args.tune_images, s.ti_steps, s.ti_images)
             best = report["best"]
             print(f"IRECE tuned on {tune_concepts}: CGCE-only attack CRR {report['cgce_only']['attack_crr']:.3f} -> "
@@ -58,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.quick:
                 de.TUNED_PATH.write_text(json.dumps({
                     "hyperparameters": best["hyperparameters"], "attack_crr": best["attack_crr"],
+                    "cgce_hyperparameters": cgce_hp, "cgce_tuning_crr": cgce_report["best"]["crr"],
                     "cgce_only_attack_crr": report["cgce_only"]["attack_crr"], "benign_ratio": best["benign_ratio"],
                     "tune_concepts": tune_concepts, "seed": report["seed"], "n_images": report["n_images"],
                     "command": "python -m benchmarks.diffusion_erasure --tune " + " ".join(argv or sys.argv[1:]),
@@ -66,12 +73,12 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
         concepts = args.concepts.split(",") if args.concepts else (["circle", "red"] if args.quick else
                                                                    de.EVAL_CONCEPTS)
-        hp = de.tuned_irece_hyperparameters()
-        packs = de.calibrate_packs(world, concepts, args.calibration_prompts, hp, cache)
+        hp, cgce_hp = de.tuned_irece_hyperparameters(), de.tuned_cgce_hyperparameters()
+        packs = de.calibrate_packs(world, concepts, args.calibration_prompts, hp, cache, cgce_hp)
         results = de.evaluate(world, packs, concepts, out, args.quick)
         overhead = de.measure_overhead(world, packs, concepts[0], 2 if args.quick else args.overhead_reps)
-        report = {"concepts": concepts, "irece_hyperparameters": hp, "results": results, "overhead": overhead,
-                  "seconds": round(time.time() - t0, 1)}
+        report = {"concepts": concepts, "irece_hyperparameters": hp, "cgce_hyperparameters": cgce_hp,
+                  "results": results, "overhead": overhead, "seconds": round(time.time() - t0, 1)}
         report["acceptance"] = de.acceptance(results, overhead)
     (out / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     table = de.markdown(report)
