@@ -33,15 +33,25 @@ DEFAULT_TARGET = "I'm sorry, but I can't help with that."
 Example = str | Mapping[str, torch.Tensor]
 
 
-def format_prompts(tokenizer: Any, prompts: Sequence[str], prompt_format: str, suffix: str | None = None) -> list[str]:
-    """Prompts as the model will see them; ``suffix`` is appended as the start of the answer."""
-    if prompt_format not in ("chat", "raw"):
-        raise ErasekitError("calibrate", "prompt_format", f"got {prompt_format!r}", "use 'chat' or 'raw'")
+def format_prompts(tokenizer: Any, prompts: Sequence[str], prompt_format: str, suffix: str | None = None,
+                   template: str | None = None) -> list[str]:
+    """Prompts as the model will see them; ``suffix`` is appended as the start of the answer.
+
+    ``prompt_format``: ``"chat"`` (the tokenizer's chat template, one user turn), ``"raw"``
+    (as is) or ``"template"`` (``template`` with ``{prompt}`` replaced, e.g. a few-shot QA frame).
+    """
+    if prompt_format not in ("chat", "raw", "template"):
+        raise ErasekitError("calibrate", "prompt_format", f"got {prompt_format!r}", "use 'chat', 'raw' or 'template'")
+    if prompt_format == "template" and (not isinstance(template, str) or "{prompt}" not in template):
+        raise ErasekitError("calibrate", "prompt_template", "template format needs a string containing {prompt}",
+                            "set prompt_template='Question: {prompt}\\nAnswer:'")
     out = []
     for p in prompts:
         if prompt_format == "chat":
             text = tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                  add_generation_prompt=True)
+        elif prompt_format == "template":
+            text = template.replace("{prompt}", p)  # type: ignore[union-attr]
         else:
             text = p
         out.append(text + (suffix if prompt_format == "chat" else " " + suffix) if suffix else text)
@@ -131,7 +141,7 @@ def _hyperparameters(method: str, overrides: Mapping[str, Any] | None) -> dict[s
     hp = dict(module.DEFAULT_HYPERPARAMETERS)
     hp.update({"router": False, "router_threshold": 0.68, "router_keywords": True})
     for key, value in (overrides or {}).items():
-        if key not in hp and key not in ("prompt_format",):
+        if key not in hp and key not in ("prompt_format", "prompt_template"):
             raise ErasekitError("calibrate", f"hyperparameters.{key}", "unknown hyperparameter",
                                 f"{method} accepts {sorted(hp)}")
         hp[key] = value
@@ -166,31 +176,38 @@ def calibrate(
     start = time.perf_counter()
     hp = _hyperparameters(method, hyperparameters)
     has_template = bool(getattr(tokenizer, "chat_template", None))
-    prompt_format = hp.pop("prompt_format", "chat" if has_template else "raw")
+    template = hp.pop("prompt_template", None)
+    prompt_format = hp.pop("prompt_format", "template" if template else ("chat" if has_template else "raw"))
     n_layers = len(find_decoder_layers(model))
     target = concept.target or DEFAULT_TARGET
     if inputs is None:
         if len(concept.forget) < 2 or len(concept.retain) < 2:
             raise ErasekitError("calibrate", "concept", "need at least 2 forget and 2 retain prompts",
                                 "add more example prompts to the concept")
-        fmt = lambda ps, suffix=None: format_prompts(tokenizer, ps, prompt_format, suffix)  # noqa: E731
+        fmt = lambda ps, suffix=None: format_prompts(tokenizer, ps, prompt_format, suffix, template)  # noqa: E731
         add_special = False if prompt_format == "chat" else None
         sets: dict[str, list[Any]] = {"forget": fmt(concept.forget), "retain": fmt(concept.retain)}
-        recall = list(concept.forget[: int(hp.get("max_pairs", 16))])
-        sets["recall"] = fmt(recall)
-        sets["erasure"] = fmt(recall, target)
-        sets["retain_refuse"] = fmt(concept.retain, target)
+        if method == "mllmeraser":
+            # recall = the first ≤16 forget prompts (their activations are reused, not recomputed);
+            # erasure = the same prompts followed by the refusal target as the answer's start
+            sets["erasure"] = fmt(list(concept.forget[: int(hp["max_pairs"])]), target)
+        elif hp["refusal_strength"]:
+            sets["retain_refuse"] = fmt(concept.retain, target)
     else:
         add_special = None
         sets = {k: list(v) for k, v in inputs.items()}
         for key in ("forget", "retain"):
             if len(sets.get(key, [])) < 2:
                 raise ErasekitError("calibrate", f"inputs.{key}", "need at least 2 examples", f"pass inputs['{key}']")
-        sets.setdefault("recall", sets["forget"][:16])
-        sets.setdefault("erasure", sets["recall"])
+        if method == "mllmeraser" and "erasure" not in sets:
+            raise ErasekitError("calibrate", "inputs.erasure", "MLLMEraser needs knowledge-erasure examples",
+                                "pass inputs['erasure'] (e.g. the prompts with a refusal-style answer)")
     acts = {k: collect_activations(model, tokenizer, v, batch_size=batch_size, add_special_tokens=add_special,
                                    progress=progress, desc=f"{concept.name}/{k}")
             for k, v in sets.items() if k != "retain_refuse"}
+    if "recall" not in acts:
+        n_pairs = min(int(hp.get("max_pairs", 16)), acts["forget"]["last"].shape[1])
+        acts["recall"] = {k: v[:, :n_pairs] for k, v in acts["forget"].items()}
     if method == "mllmeraser":
         from erasekit.steering.mllmeraser import fit_mllmeraser
 
@@ -223,11 +240,19 @@ def calibrate(
         else:
             tensors["refusal"] = torch.zeros_like(tensors["mean"])
         hp["candidate_layers"] = cand
-    if hp.get("router"):
+    if hp.get("router") not in (False, True, "keywords", "embedding"):
+        raise ErasekitError("calibrate", "hyperparameters.router", f"got {hp.get('router')!r}",
+                            "use false, true (embedding + keywords), 'embedding' or 'keywords'")
+    if hp["router"] == "keywords" and not concept.keywords:
+        raise ErasekitError("calibrate", "concept.keywords", "router='keywords' needs keywords", "pass --keywords")
+    if hp["router"] in (True, "embedding"):
         from erasekit.steering.router import fit_centroid
 
         tensors["router_centroid"] = fit_centroid(list(concept.forget))
+    hp["router_keywords"] = hp["router_keywords"] and hp["router"] != "embedding"
     hp["prompt_format"] = prompt_format
+    if template is not None:
+        hp["prompt_template"] = template
     hp["calibration_seconds"] = round(time.perf_counter() - start, 3)
     hp["hook_site"] = "decoder_layer_output"
     pack = ConceptPack(concept=concept, method=method, fingerprint=fingerprint_model(model),
