@@ -218,3 +218,16 @@ def test_policy_file_with_a_folder_of_packs_per_concept(tmp_path, pipe, packs):
     with pytest.raises(PolicyError, match="holds concept 'red'"):
         guard(pipe, policy=tmp_path / "policy.yaml")
     assert pipe.unet._diffusers_hook.get_hook(HOOK_NAME) is None
+
+
+def test_erasing_block_is_invisible_to_other_threads(pipe, packs):
+    embeds = encode_conditioning(pipe, [RED])
+    sample, t = torch.randn(1, 4, 4, 4, generator=_gen()), torch.tensor(500)
+    plain = pipe.unet(sample, t, encoder_hidden_states=embeds).sample
+    seen: list[torch.Tensor] = []
+    with guard(pipe, [packs[0]]) as g, g.erasing(["red"]):
+        th = threading.Thread(target=lambda: seen.append(pipe.unet(sample, t, encoder_hidden_states=embeds).sample))
+        th.start()
+        th.join()
+        assert not torch.equal(pipe.unet(sample, t, encoder_hidden_states=embeds).sample, plain)
+    assert torch.equal(seen[0], plain)

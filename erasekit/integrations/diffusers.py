@@ -230,7 +230,7 @@ class DiffusersGuard:
     ) -> None:
         self.pipe = pipe
         self._lock = threading.RLock()
-        self._stack: list[_CallState] = []
+        self._local = threading.local()  # each thread sees only its own calls/blocks
         self._attached = False
         self.last_report: CallReport | None = None
         loaded = [self._load(p, i) for i, p in enumerate(packs)]
@@ -240,6 +240,9 @@ class DiffusersGuard:
                     loaded += self._load_policy_entry(entry)
         self._check_packs(loaded)
         names = sorted({p.name for p in loaded})
+        if policy is not None and mandatory:
+            raise PolicyError("guard", "mandatory", "both policy= and mandatory= given",
+                              "mark mandatory concepts in the policy (mandatory: true)")
         if policy is None:
             unknown = sorted(set(mandatory) - set(names))
             if unknown:
@@ -406,8 +409,16 @@ class DiffusersGuard:
             return int(embeds.shape[0])
         return None
 
+    @property
+    def _stack(self) -> list[_CallState]:
+        stack = getattr(self._local, "stack", None)
+        if stack is None:
+            stack = self._local.stack = []
+        return stack
+
     def _current(self) -> _CallState | None:
-        return self._stack[-1] if self._stack else None
+        stack = getattr(self._local, "stack", None)
+        return stack[-1] if stack else None
 
     @contextlib.contextmanager
     def _push(self, state: _CallState) -> Iterator[_CallState]:
