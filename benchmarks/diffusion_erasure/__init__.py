@@ -277,8 +277,32 @@ def measure_overhead(world: World, packs: dict[str, dict[str, ConceptPack]], con
         "batch_1_median": 1e3 * statistics.median(single),
         "batch_1_p95": 1e3 * float(np.percentile(single, 95)),
         f"batch_{len(many)}_median_per_prompt": 1e3 * statistics.median(batched) / len(many),
+        **{f"batch_1_median_{name}": ms for name, ms in _onnx_latency_at_real_shapes().items()},
     }
     return result
+
+
+def _onnx_latency_at_real_shapes(reps: int = 1000) -> dict[str, float]:
+    """ONNX detector latency at SD-1.5 (77 x 768) and SDXL (77 x 2048) conditioning shapes.
+
+    The world's conditioning is small (24 x 384); the graph's cost scales with T x D, so the same
+    exported detector is timed at real model shapes (weights fitted on random data: latency does
+    not depend on their values).
+    """
+    from erasekit.classifiers.detector import OnnxDetector, fit_detector
+    from erasekit.classifiers.onnx_export import export_detector
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for name, (t, d) in {"sd15_77x768": (77, 768), "sdxl_77x2048": (77, 2048)}.items():
+        x = rng.normal(size=(8, t, d)).astype(np.float32)
+        det = OnnxDetector(export_detector(fit_detector(x[:4] + 1, x[4:], rng.normal(size=(3, d)).astype(np.float32))),
+                           t, d)
+        one = x[:1]
+        for _ in range(20):
+            det.predict_proba(one)
+        out[name] = 1e3 * statistics.median(_time(lambda det=det, one=one: det.predict_proba(one), reps))
+    return out
 
 
 # ---------------------------------------------------------------------------- the full run
@@ -323,7 +347,10 @@ def acceptance(results: dict[str, Any], overhead: dict[str, Any] | None) -> dict
     if overhead:
         out["overhead"] = {k: {"benign": overhead[k]["benign_overhead"], "flagged": overhead[k]["flagged_overhead"]}
                            for k in ("cgce", "cgce+irece")}
-        out["onnx_ms_per_prompt"] = overhead["onnx_detection_ms_per_prompt"]["batch_1_median"]
+        onnx = overhead["onnx_detection_ms_per_prompt"]
+        out["onnx_ms_per_prompt"] = onnx["batch_1_median"]
+        out["onnx_ms_per_prompt_real_shapes"] = {k.removeprefix("batch_1_median_"): v for k, v in onnx.items()
+                                                 if k.startswith("batch_1_median_")}
     return out
 
 
@@ -342,7 +369,10 @@ def markdown(report: dict[str, Any]) -> str:
         for k, v in acc["overhead"].items():
             lines.append(f"| {k} added latency, benign prompt | ≤ 1 % | {pct(v['benign'])} |")
             lines.append(f"| {k} added latency, flagged prompt | ≤ 5 % | {pct(v['flagged'])} |")
-        lines.append(f"| ONNX detection per prompt (CPU, batch 1, median) | < 0.5 ms | {acc['onnx_ms_per_prompt']:.3f} ms |")
+        lines.append(f"| ONNX detection per prompt (CPU, batch 1, median), world 24x384 | < 0.5 ms | "
+                     f"{acc['onnx_ms_per_prompt']:.3f} ms |")
+        for shape, ms in acc.get("onnx_ms_per_prompt_real_shapes", {}).items():
+            lines.append(f"| ONNX detection per prompt, {shape} conditioning | < 0.5 ms | {ms:.3f} ms |")
     crr = ["", "Mean CRR over evaluated concepts (unguarded → CGCE → CGCE+IRECE):", "",
            "| attack | unguarded | CGCE | CGCE+IRECE |", "|---|---|---|---|"]
     s_cg, s_ci = report["results"]["cgce"]["summary_crr"], report["results"]["cgce+irece"]["summary_crr"]
