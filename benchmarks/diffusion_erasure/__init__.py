@@ -43,7 +43,7 @@ from benchmarks.diffusion_world.attacks import (
 from erasekit.classifiers.cgce import CGCEClassifier
 from erasekit.guardrails.concept import Concept
 from erasekit.guardrails.pack import ConceptPack
-from erasekit.integrations.diffusers import guard
+from erasekit.integrations.diffusers import cross_attention_processors, guard
 from erasekit.integrations.diffusers_calibrate import calibrate_cgce, calibrate_irece, encode_conditioning
 from erasekit.steering import irece
 from erasekit.testing.diffusion_world import World
@@ -57,8 +57,9 @@ LATENT_ATTACKS = ("ti_whitebox", "ti_blackbox", "ddim_whitebox", "ddim_blackbox"
 GRID = {
     "threshold": [0.05, 0.1, 0.2],
     "strength": [0.5, 0.9],
-    "window": [(0.0, 0.3), (0.0, 0.6), (0.2, 0.8)],
+    "window": [(0.0, 0.4), (0.0, 0.7)],
     "dilate": [1],
+    "layers": ["all", "first"],  # "first": only the highest-resolution cross-attention layer (cheaper)
 }
 
 
@@ -205,8 +206,10 @@ def tune_irece(world: World, packs: dict[str, dict[str, ConceptPack]], n: int, t
             reference[c] = {**attack_crr(world, g, attack_sets[c], n, seed),
                             **benign_utility(world, g, c, n, seed + 7)}
         reference[c]["benign_accuracy_unguarded"] = benign_utility(world, base, c, n, seed + 7)["benign_accuracy"]
-    configs = [dict(threshold=t, strength=s, start=w[0], end=w[1], dilate=d)
-               for t, s, w, d in itertools.product(GRID["threshold"], GRID["strength"], GRID["window"], GRID["dilate"])]
+    first = cross_attention_processors(world.pipe)[:1]
+    configs = [dict(threshold=t, strength=s, start=w[0], end=w[1], dilate=d, layers="all" if lay == "all" else first)
+               for t, s, w, d, lay in itertools.product(GRID["threshold"], GRID["strength"], GRID["window"],
+                                                       GRID["dilate"], GRID["layers"])]
     rows = []
     for hp in tqdm(configs, desc="IRECE grid", disable=not progress):
         per = {}
