@@ -92,7 +92,8 @@ def _kif_edit(d: int = 8, gate_tau: float = -100.0, suppression: float = 1.0, re
     refusal_vec = torch.zeros(1, d)
     refusal_vec[0, 5] = 1.0
     tensors = {"mean": torch.zeros(1, d), "scale": torch.ones(1, d), "signature_z": direction[:, 0].clone(),
-               "directions": direction, "gate_mu": torch.zeros(1), "gate_sigma": torch.ones(1), "refusal": refusal_vec}
+               "directions": direction, "gate_mu": torch.zeros(1), "gate_sigma": torch.ones(1), "refusal": refusal_vec,
+               "residual_norm": torch.full((1,), 10.0)}
     hp = {"suppression": suppression, "gate_k": 1.6, "gate_tau": gate_tau, "refusal_strength": refusal}
     return KIFEdit("c", (2,), tensors, hp)
 
@@ -115,6 +116,16 @@ def test_kif_gate_stays_shut_for_states_near_the_control_mean():
     hidden[4:, 0] = 8.0  # sequence 1 projects 8σ above the control mean
     g = edit.gate(2, hidden, layout)
     assert g[0] < 0.01 and g[1] > 0.99
+
+
+def test_kif_refusal_steering_scales_with_residual_norm_units():
+    layout = TokenLayout.from_attention_mask(torch.ones(1, 2, dtype=torch.long))
+    hidden = torch.zeros(2, 8)
+    rows = torch.ones(2, dtype=torch.bool)
+    edit = _kif_edit(refusal=0.5)
+    assert torch.allclose(edit.edit(2, hidden, layout, rows, Phase.PREFILL)[:, 5], torch.full((2,), 0.5))
+    edit.hp["refusal_units"] = "residual_norm"
+    assert torch.allclose(edit.edit(2, hidden, layout, rows, Phase.PREFILL)[:, 5], torch.full((2,), 5.0))
 
 
 def test_refusal_direction_is_orthogonal_to_signatures():

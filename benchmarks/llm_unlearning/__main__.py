@@ -57,6 +57,7 @@ class Task:
     strengths: dict[str, list[float]] = field(default_factory=dict)
     max_new_tokens: int = 6
     time_overhead: bool = True
+    router: Any = True
 
 
 class Runner:
@@ -173,13 +174,18 @@ def probe_scores(runner: Runner, task: Task, guard: TransformersGuard | None, la
 
 def evaluate_method(runner: Runner, task: Task, method: str, base: dict[str, Any], args: argparse.Namespace,
                     log) -> dict[str, Any]:
+    label = method
+    method, _, variant = method.partition("+")  # "mllmeraser+router": the method plus erasekit's router
     hp = dict(task.hp.get(method, {}))
+    if variant == "router":
+        hp["router"] = task.router
+    hp.setdefault("router", False)
     if task.template:
         hp["prompt_template"] = task.template
     start = time.perf_counter()
     pack = calibrate(runner.model, task.concept, method, tokenizer=runner.tok, hyperparameters=hp, progress=False)
     calib_s = time.perf_counter() - start
-    knob = "strength" if method == "mllmeraser" else "suppression"
+    knob = "strength" if method == "mllmeraser" else args.kif_knob
     sweep = []
     n_layers = len(find_decoder_layers(runner.model))
     for value in task.strengths[method]:
@@ -199,14 +205,14 @@ def evaluate_method(runner: Runner, task: Task, method: str, base: dict[str, Any
             forget <= 0.10 * base["forget_acc"] + 1e-9 and retain >= 0.95 * base["retain_acc"] - 1e-9
             and identical >= 0.99)
         sweep.append(row)
-        log(f"  {task.model_name:8s} {task.concept.name:14s} {method:10s} {knob}={value:<6} forget {forget:.2f} "
+        log(f"  {task.model_name:8s} {task.concept.name:14s} {label:17s} {knob}={value:<6} forget {forget:.2f} "
             f"held-out {held:.2f} retain {retain:.2f} benign-identical {identical:.2f}")
     ok = [r for r in sweep if r["meets_acceptance"]]
     best = min(ok, key=lambda r: r["forget_acc"]) if ok else min(
         sweep, key=lambda r: (r["forget_acc"] / max(base["forget_acc"], 1e-9)) - r["retain_acc"] / max(base["retain_acc"], 1e-9))
     chosen = ConceptPack(pack.concept, pack.method, pack.fingerprint, pack.tensors,
                          {**pack.hyperparameters, knob: best[knob]})
-    result: dict[str, Any] = {"method": method, "calibration_s": round(calib_s, 2), "knob": knob, "sweep": sweep,
+    result: dict[str, Any] = {"method": label, "calibration_s": round(calib_s, 2), "knob": knob, "sweep": sweep,
                               "chosen": best, "hyperparameters": chosen.hyperparameters,
                               "calibration_prompts": len(task.concept.forget) + len(task.concept.retain),
                               "edited_layers": pack.tensors["layers"].tolist()}
@@ -263,7 +269,8 @@ def smollm2_tasks(args: argparse.Namespace) -> tuple[Runner, list[Task]]:
             "smollm2", concept, FEW_SHOT,
             forget=[(x.calib, x.answers) for x in qa], heldout=[(x.heldout, x.answers) for x in qa],
             retain=retain, benign=[x.heldout for x in general] + [x.calib for x in general],
-            hp={"mllmeraser": {}, "kif": {"router": True, "num_layers": args.kif_layers}},
+            hp={"mllmeraser": {}, "kif": {"router": True, "num_layers": args.kif_layers, "refusal_strength": 1.0,
+                                               "refusal_units": "residual_norm"}},
             strengths={"mllmeraser": args.mll_strengths, "kif": args.kif_strengths}, max_new_tokens=6,
             time_overhead=not tasks))
     return runner, tasks
@@ -289,25 +296,28 @@ def world_tasks(args: argparse.Namespace) -> tuple[Runner, list[Task]]:
         heldout=[(world.prompt(p, t), (p.city,)) for p in forget_people for t in world.HELDOUT_TEMPLATES],
         retain=[(world.prompt(p, t), (p.city,)) for p in others for t in range(len(world.TEMPLATES))],
         benign=[world.prompt(p, t) for p in others for t in world.HELDOUT_TEMPLATES],
-        hp={"mllmeraser": {}, "kif": {"router": "keywords", "num_layers": 2}},
-        strengths={"mllmeraser": args.world_mll_strengths, "kif": args.kif_strengths}, max_new_tokens=4)
+        hp={"mllmeraser": {}, "kif": {"router": "keywords", "num_layers": args.kif_layers, "refusal_strength": 1.0,
+                                               "refusal_units": "residual_norm"}},
+        router="keywords",
+        strengths={"mllmeraser": args.world_mll_strengths, "kif": args.kif_strengths},
+        max_new_tokens=12)  # byte-level tokens: the longest city name is 10 bytes + space
     return runner, [task]
 
 
 # ---------------------------------------------------------------------------- report
 def table(results: list[dict[str, Any]]) -> str:
-    head = (f"{'model':8s} {'concept':15s} {'method':10s} {'setting':>14s} {'forget':>7s} {'held-out':>8s} "
+    head = (f"{'model':8s} {'concept':15s} {'method':17s} {'setting':>20s} {'forget':>7s} {'held-out':>8s} "
             f"{'retain':>7s} {'benign=':>7s} {'calib s':>7s} {'ovh benign':>10s} {'ovh flagged':>11s} ok")
     lines = [head, "-" * len(head)]
     for r in results:
         b = r["base"]
-        lines.append(f"{r['model']:8s} {r['concept']:15s} {'(none)':10s} {'':>14s} {b['forget_acc']:7.2f} "
+        lines.append(f"{r['model']:8s} {r['concept']:15s} {'(none)':17s} {'':>20s} {b['forget_acc']:7.2f} "
                      f"{b['heldout_forget_acc']:8.2f} {b['retain_acc']:7.2f} {'1.00':>7s}")
         for m in r["methods"]:
             c = m["chosen"]
             o = m.get("overhead", {})
             lines.append(
-                f"{'':8s} {'':15s} {m['method']:10s} {m['knob'] + '=' + str(c[m['knob']]):>14s} {c['forget_acc']:7.2f} "
+                f"{'':8s} {'':15s} {m['method']:17s} {m['knob'] + '=' + str(c[m['knob']]):>20s} {c['forget_acc']:7.2f} "
                 f"{c['heldout_forget_acc']:8.2f} {c['retain_acc']:7.2f} {c['benign_identical_rate']:7.2f} "
                 f"{m['calibration_s']:7.1f} {o.get('benign_toggled_ratio', float('nan')):10.3f} "
                 f"{o.get('flagged_ratio', float('nan')):11.3f} {'yes' if c['meets_acceptance'] else 'no'}")
@@ -324,7 +334,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     for ax, r in zip(axes[0], results, strict=True):
         b = r["base"]
         ax.scatter([b["retain_acc"]], [b["forget_acc"]], marker="*", s=160, c="k", label="unguarded", zorder=3)
-        for m, color in zip(r["methods"], ("tab:blue", "tab:orange"), strict=False):
+        for m, color in zip(r["methods"], ("tab:blue", "tab:green", "tab:orange", "tab:red"), strict=False):
             xs = [s["retain_acc"] for s in m["sweep"]]
             ys = [s["forget_acc"] for s in m["sweep"]]
             ax.plot(xs, ys, "o-", color=color, label=m["method"])
@@ -349,10 +359,14 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.llm_unlearning", description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="world,smollm2", help="comma-separated: world, smollm2")
-    ap.add_argument("--methods", default="mllmeraser,kif")
+    ap.add_argument("--methods", default="mllmeraser,mllmeraser+router,kif",
+                    help="mllmeraser, kif, and X+router (the method gated by erasekit's prompt router)")
     ap.add_argument("--mll-strengths", default="-0.2,-0.5,-1.0", help="MLLMEraser λ values (SmolLM2)")
     ap.add_argument("--world-mll-strengths", default="-0.2,-0.5,-1.0", help="MLLMEraser λ values (world LM)")
-    ap.add_argument("--kif-strengths", default="0.8,1.0,1.5", help="KIF |s| values")
+    ap.add_argument("--kif-knob", default="refusal_strength", choices=["refusal_strength", "suppression"],
+                    help="KIF hyperparameter swept (the other keeps its calibrated value)")
+    ap.add_argument("--kif-strengths", default="0.5,1,2",
+                    help="KIF values of --kif-knob (refusal strength in units of the layer's mean residual norm)")
     ap.add_argument("--kif-layers", type=int, default=1, help="KIF: number of best layers edited (SmolLM2)")
     ap.add_argument("--limit", type=int, default=None, help="at most this many questions per set (smoke runs)")
     ap.add_argument("--batch-size", type=int, default=32)

@@ -239,6 +239,8 @@ def calibrate(
             tensors["refusal"] = refusal_direction(refuse, acts["retain"]["last"][cidx[order]], tensors["directions"])
         else:
             tensors["refusal"] = torch.zeros_like(tensors["mean"])
+        # typical residual size at the edited layers, so a refusal strength can be set relative to it
+        tensors["residual_norm"] = acts["retain"]["last"][cidx[order]].norm(dim=-1).mean(-1).contiguous()
         hp["candidate_layers"] = cand
     if hp.get("router") not in (False, True, "keywords", "embedding"):
         raise ErasekitError("calibrate", "hyperparameters.router", f"got {hp.get('router')!r}",

@@ -47,6 +47,7 @@ DEFAULT_HYPERPARAMETERS: dict[str, Any] = {
     "candidate_layers": None,    # None: every decoder layer
     "center": False,
     "refusal_strength": 0.0,     # 0 = suppression only
+    "refusal_units": "absolute",  # or "residual_norm": strength × the layer's mean residual norm
     "phases": ["prefill", "decode"],
 }
 
@@ -177,6 +178,8 @@ class KIFEdit(ResidualEdit):
         delta = -(g * self.hp["suppression"]).unsqueeze(-1) * removed
         refusal = self.hp.get("refusal_strength", 0.0)
         if refusal:
+            if self.hp.get("refusal_units") == "residual_norm":
+                refusal = refusal * self.t["residual_norm"][i]
             delta = delta + (g * refusal).unsqueeze(-1) * self.t["refusal"][i]
         return torch.where(rows.unsqueeze(-1), (h + delta).to(hidden.dtype), hidden)
 
@@ -184,7 +187,8 @@ class KIFEdit(ResidualEdit):
         return KIFEdit(self.concept, self.layers, {k: v.to(device) for k, v in self.t.items()}, self.hp)
 
 
-_RUNTIME_TENSORS = ("mean", "scale", "signature_z", "directions", "gate_mu", "gate_sigma", "refusal")
+_RUNTIME_TENSORS = ("mean", "scale", "signature_z", "directions", "gate_mu", "gate_sigma", "refusal",
+                    "residual_norm")
 
 
 def edits_from_pack(pack: Any) -> KIFEdit:
@@ -207,7 +211,7 @@ def validate_pack(pack: Any, where: str) -> None:
         raise PackError(where, "tensors.layers", f"layer indices {layers.tolist()[:8]} must be distinct and in [0, {n_layers})",
                         "re-calibrate the pack for this model")
     expected = {"mean": (n, d), "scale": (n, d), "signature_z": (n, d), "refusal": (n, d),
-                "gate_mu": (n,), "gate_sigma": (n,)}
+                "gate_mu": (n,), "gate_sigma": (n,), "residual_norm": (n,)}
     for name, shape in expected.items():
         if tuple(t[name].shape) != shape:
             raise PackError(where, f"tensors.{name}", f"shape {tuple(t[name].shape)}, expected {shape}", fix)
@@ -225,6 +229,9 @@ def validate_pack(pack: Any, where: str) -> None:
         if not isinstance(value, int | float) or isinstance(value, bool) or not lo <= value <= hi or not math.isfinite(value):
             raise PackError(where, f"hyperparameters.{key}", f"must be a number in [{lo}, {hi}], got {value!r}",
                             f"set {key} (default {DEFAULT_HYPERPARAMETERS[key]})")
+    if hp.get("refusal_units", "absolute") not in ("absolute", "residual_norm"):
+        raise PackError(where, "hyperparameters.refusal_units", f"got {hp.get('refusal_units')!r}",
+                        'use "absolute" or "residual_norm"')
     phases = hp.get("phases", ["prefill", "decode"])
     if not isinstance(phases, list) or not phases or any(p not in ("prefill", "decode") for p in phases):
         raise PackError(where, "hyperparameters.phases", f"got {phases!r}", 'use ["prefill", "decode"] or a subset')
