@@ -131,6 +131,12 @@ def test_server_toggles_mandatory_and_400s(server, world):
     # The engine kept serving, with the same result as before.
     status, again = _complete(port)
     assert status == 200 and _tokens(again) == base
+    # Which concepts fired is visible on /metrics.
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        metrics = resp.read().decode()
+    assert 'erasekit_requests_total{concept="guard",outcome="active"}' in metrics
+    assert 'erasekit_requests_total{concept="alpha",outcome="active"} 1.0' in metrics
+    assert 'outcome="rejected"' in metrics
 
 
 def test_chat_completions_accept_toggles(server):

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eager", action="store_true", help="enforce_eager=True (default: torch.compile on)")
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=12)
     parser.add_argument("--hf-reps", type=int, default=2)
     parser.add_argument("--layers", default="1,2", help="decoder layers the packs edit (comma-separated)")
     parser.add_argument("--out", default=str(RESULTS))
@@ -144,8 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     for llm, toggles in modes.values():  # warm-up
         _run(llm, prompts, toggles, 8)
     rates: dict[str, list[float]] = {m: [] for m in modes}
-    for _ in tqdm(range(args.reps), desc="interleaved reps", file=sys.stderr):
-        for mode, (llm, toggles) in modes.items():
+    names = list(modes)
+    for rep in tqdm(range(args.reps), desc="interleaved reps", file=sys.stderr):
+        for mode in names[rep % len(names):] + names[: rep % len(names)]:  # rotate the order every rep
+            llm, toggles = modes[mode]
             elapsed, tokens = _run(llm, prompts, toggles, args.max_tokens)
             rates[mode].append(tokens / elapsed)
     stock.llm_engine.engine_core.shutdown()
@@ -155,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     hf_rate = _transformers_guard(world.model_dir, world.policy_path, prompts, half, args.max_tokens, args.hf_reps)
 
     median = {m: statistics.median(v) for m, v in rates.items()}
+    best = {m: max(v) for m, v in rates.items()}
+    # Other jobs share this machine, so single reps swing by 2x; the robust statistics are the
+    # median of per-rep ratios (modes measured seconds apart) and the ratio of best reps.
+    paired = {m: statistics.median(a / b for a, b in zip(v, rates["stock"], strict=True)) for m, v in rates.items()}
     base = median["stock"]
     result = {
         "command": "python -m benchmarks.vllm_overhead " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -162,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         "reps": args.reps, "edited_layers": layers, "engine_startup_s_both": round(startup, 1),
         "tokens_per_s_median": {m: round(v, 1) for m, v in median.items()},
         "tokens_per_s_all": {m: [round(x, 1) for x in v] for m, v in rates.items()},
-        "ratio_to_stock": {m: round(v / base, 4) for m, v in median.items()},
+        "ratio_of_medians": {m: round(v / base, 4) for m, v in median.items()},
+        "ratio_paired_median": {m: round(v, 4) for m, v in paired.items()},
+        "ratio_of_best": {m: round(v / best["stock"], 4) for m, v in best.items()},
         "transformers_guard_half_toggled_tokens_per_s": round(hf_rate, 1),
         "vllm_half_toggled_over_transformers_guard": round(median["erasekit_half_toggled"] / hf_rate, 2),
         "goals": {"no_toggles": 0.99, "half_toggled": 0.97, "vs_transformers_guard": 5.0},
@@ -175,10 +183,11 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nvLLM overhead ({args.model}, {'eager' if args.eager else 'compiled'}, {args.requests} requests x "
           f"{args.max_tokens} tokens, median of {args.reps} interleaved reps)")
-    print(f"{'mode':<26}{'tokens/s':>12}{'ratio':>9}{'goal':>8}")
+    print(f"{'mode':<26}{'median tok/s':>13}{'best tok/s':>12}{'paired ratio':>14}{'best ratio':>12}{'goal':>7}")
     goals = {"erasekit_no_toggles": "0.99", "erasekit_half_toggled": "0.97"}
     for mode, value in median.items():
-        print(f"{mode:<26}{value:>12.1f}{value / base:>9.3f}{goals.get(mode, ''):>8}")
+        print(f"{mode:<26}{value:>13.1f}{best[mode]:>12.1f}{paired[mode]:>14.3f}{best[mode] / best['stock']:>12.3f}"
+              f"{goals.get(mode, ''):>7}")
     print(f"{'transformers_guard (half)':<26}{hf_rate:>12.1f}{'':>9}")
     print(f"vLLM+erasekit (half toggled) / transformers guard: {median['erasekit_half_toggled'] / hf_rate:.1f}x "
           f"(goal >= 5x)")

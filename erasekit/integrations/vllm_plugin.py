@@ -37,6 +37,7 @@ LOGITS_PROCESSOR = "erasekit.integrations.vllm_runtime:EraseLogitsProcessor"
 PREFIX_SAFE_METHODS = frozenset({"add_vector"})
 
 _registered = False
+_COUNTER: Any = None
 _runners_patched = False
 _FRONTEND: dict[str, Any] = {}
 _ROUTERS: dict[str, dict[str, Any]] = {}
@@ -142,6 +143,26 @@ def request_salt(config: Any, active: frozenset[str], prompt_token_ids: Any, use
     return salt
 
 
+def _count(concepts: Any, outcome: str) -> None:
+    """``erasekit_requests_total{concept, outcome}`` on vLLM's ``/metrics`` (front-end process).
+
+    Outcomes: ``active`` (the concept was applied to the request), ``routed_out`` (toggled or
+    mandatory, but the pack's router did not fire for this prompt), ``rejected`` (HTTP 400).
+    """
+    global _COUNTER
+    if _COUNTER is None:
+        try:
+            from prometheus_client import Counter
+
+            _COUNTER = Counter("erasekit_requests", "Requests seen by erasekit, by concept and outcome",
+                               ["concept", "outcome"])
+        except Exception:  # metrics are a convenience; never block serving on them
+            _COUNTER = False
+    if _COUNTER:
+        for name in concepts:
+            _COUNTER.labels(concept=name, outcome=outcome).inc()
+
+
 def _patch_input_processor() -> None:
     from vllm.v1.engine.input_processor import InputProcessor
 
@@ -163,6 +184,7 @@ def _patch_input_processor() -> None:
         try:
             active = config.policy.resolve(value, where=cfg.REQUEST_KEY)
         except ErasekitError as exc:
+            _count(["(invalid)"], "rejected")
             raise VLLMValidationError(str(exc), parameter=cfg.REQUEST_KEY, value=str(value)[:200]) from None
         request = original(self, request_id, prompt, params, *args, **kwargs)
         extra = request.sampling_params.extra_args
@@ -176,6 +198,9 @@ def _patch_input_processor() -> None:
             if out:
                 request.sampling_params.extra_args = {**(extra or {}), cfg.ROUTED_OUT_KEY: out}
                 active = active - frozenset(out)
+                _count(out, "routed_out")
+        _count(sorted(active), "active")
+        logger.debug("erasekit: request %s active concepts %s", request_id, sorted(active))
         request.cache_salt = request_salt(config, active, request.prompt_token_ids, request.cache_salt)
         return request
 
