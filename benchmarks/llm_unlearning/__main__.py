@@ -296,10 +296,10 @@ def world_tasks(args: argparse.Namespace) -> tuple[Runner, list[Task]]:
         heldout=[(world.prompt(p, t), (p.city,)) for p in forget_people for t in world.HELDOUT_TEMPLATES],
         retain=[(world.prompt(p, t), (p.city,)) for p in others for t in range(len(world.TEMPLATES))],
         benign=[world.prompt(p, t) for p in others for t in world.HELDOUT_TEMPLATES],
-        hp={"mllmeraser": {}, "kif": {"router": "keywords", "num_layers": args.kif_layers, "refusal_strength": 1.0,
+        hp={"mllmeraser": {}, "kif": {"router": "keywords", "num_layers": args.world_kif_layers, "refusal_strength": 1.0,
                                                "refusal_units": "residual_norm"}},
         router="keywords",
-        strengths={"mllmeraser": args.world_mll_strengths, "kif": args.kif_strengths},
+        strengths={"mllmeraser": args.world_mll_strengths, "kif": args.world_kif_strengths},
         max_new_tokens=12)  # byte-level tokens: the longest city name is 10 bytes + space
     return runner, [task]
 
@@ -321,6 +321,29 @@ def table(results: list[dict[str, Any]]) -> str:
                 f"{c['heldout_forget_acc']:8.2f} {c['retain_acc']:7.2f} {c['benign_identical_rate']:7.2f} "
                 f"{m['calibration_s']:7.1f} {o.get('benign_toggled_ratio', float('nan')):10.3f} "
                 f"{o.get('flagged_ratio', float('nan')):11.3f} {'yes' if c['meets_acceptance'] else 'no'}")
+    return "\n".join(lines)
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    """The chosen setting per method (best forget accuracy meeting the acceptance, else best trade-off)."""
+    lines = ["| model | concept | method | setting | forget | held-out forget | retain | benign identical | "
+             "probe: subject still detected (mid / last layer) | calibration s | overhead benign untoggled / toggled / flagged | meets acceptance |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        b = r["base"]
+        lines.append(f"| {r['model']} | {r['concept']} | unguarded | | {b['forget_acc']:.2f} | {b['heldout_forget_acc']:.2f} | "
+                     f"{b['retain_acc']:.2f} | 1.00 | | | | |")
+        for m in r["methods"]:
+            c = m["chosen"]
+            probe = m.get("probe", {})
+            pr = " / ".join(f"{v['subject_detected_unguarded']:.2f}→{v.get('subject_detected_guarded', float('nan')):.2f}"
+                            for _, v in sorted(probe.items(), key=lambda kv: int(kv[0])))
+            o = m.get("overhead")
+            ovh = (f"{o['benign_untoggled_ratio']:.3f} / {o['benign_toggled_ratio']:.3f} / {o['flagged_ratio']:.3f}"
+                   if o else "")
+            lines.append(f"| | | {m['method']} | {m['knob']}={c[m['knob']]:g} | {c['forget_acc']:.2f} | "
+                         f"{c['heldout_forget_acc']:.2f} | {c['retain_acc']:.2f} | {c['benign_identical_rate']:.2f} | "
+                         f"{pr} | {m['calibration_s']:.1f} | {ovh} | {'yes' if c['meets_acceptance'] else 'no'} |")
     return "\n".join(lines)
 
 
@@ -368,6 +391,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kif-strengths", default="0.5,1,2",
                     help="KIF values of --kif-knob (refusal strength in units of the layer's mean residual norm)")
     ap.add_argument("--kif-layers", type=int, default=1, help="KIF: number of best layers edited (SmolLM2)")
+    ap.add_argument("--world-kif-strengths", default="1,2,4", help="KIF values of --kif-knob (world LM)")
+    ap.add_argument("--world-kif-layers", type=int, default=2, help="KIF: number of best layers edited (world LM)")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the results of models not run now from an existing --out file")
     ap.add_argument("--limit", type=int, default=None, help="at most this many questions per set (smoke runs)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--timing-batch", type=int, default=8)
@@ -380,12 +407,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     floats = lambda s: [float(x) for x in s.split(",") if x]  # noqa: E731
     args.mll_strengths, args.world_mll_strengths = floats(args.mll_strengths), floats(args.world_mll_strengths)
-    args.kif_strengths = floats(args.kif_strengths)
+    args.kif_strengths, args.world_kif_strengths = floats(args.kif_strengths), floats(args.world_kif_strengths)
     args.methods = [m for m in args.methods.split(",") if m]
     if args.quick:
         args.limit = args.limit or 10
         args.mll_strengths, args.world_mll_strengths = args.mll_strengths[-1:], args.world_mll_strengths[-1:]
-        args.kif_strengths = args.kif_strengths[-1:]
+        args.kif_strengths, args.world_kif_strengths = args.kif_strengths[-1:], args.world_kif_strengths[-1:]
         args.skip_overhead = True
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -400,9 +427,17 @@ def main(argv: list[str] | None = None) -> int:
         for task in tasks:
             results.append(run_task(runner, task, args, log))
         del runner
+    command = "python -m benchmarks.llm_unlearning " + " ".join(argv if argv is not None else sys.argv[1:])
+    commands = [command]
+    if args.merge and out.is_file():
+        previous = json.loads(out.read_text())
+        run_now = {r["model"] for r in results}
+        results = [r for r in previous["results"] if r["model"] not in run_now] + results
+        commands = [c for c in previous.get("commands", [previous.get("command")]) if c] + commands
     report = {
         "benchmark": "llm_unlearning",
-        "command": "python -m benchmarks.llm_unlearning " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command,
+        "commands": commands,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": args.threads,
                     "torch": torch.__version__},
         "total_seconds": round(time.perf_counter() - started, 1),
@@ -411,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(report, indent=1))
     png = out.with_suffix(".png")
     plot(results, png)
+    out.with_suffix(".md").write_text(markdown(results) + "\n")
     print()
     print(table(results))
     print(f"\nwrote {out} and {png} in {report['total_seconds']:.0f} s")
