@@ -39,7 +39,9 @@ def red_concept():
 
 @pytest.fixture(scope="module")
 def packs(pipe, red_concept):
-    return calibrate_cgce(pipe, red_concept), calibrate_irece(pipe, red_concept, threshold=0.0, end=1.0)
+    irece_pack = calibrate_irece(pipe, red_concept, n_prompts=8, threshold=0.0, end=1.0,
+                                 call_kwargs={"num_inference_steps": 2, "height": 32, "width": 32})
+    return calibrate_cgce(pipe, red_concept), irece_pack
 
 
 @pytest.fixture(scope="module")

@@ -19,11 +19,11 @@ from transformers import (
     T5TokenizerFast,
 )
 
-from erasekit.errors import PackError
+from erasekit.errors import ErasekitError, PackError
 from erasekit.guardrails.concept import Concept
 from erasekit.integrations.diffusers import HOOK_NAME, guard
 from erasekit.integrations.diffusers_calibrate import calibrate_cgce, calibrate_irece
-from erasekit.testing import build_clip_tokenizer
+from erasekit.testing import build_clip_tokenizer, build_tiny_sd_pipeline
 
 WORDS = ("a an the red blue green star circle heart square cross on of with background white black grey "
          "photo painting").split()
@@ -163,12 +163,17 @@ def test_hook_fires_on_flagged_prompt_and_benign_stays_identical(family):
 
 def test_irece_on_unet_pipelines_and_refused_elsewhere(family):
     name, pipe, pack, kwargs = family
-    irece_pack = calibrate_irece(pipe, pack.concept, threshold=0.0, end=1.0)
     if name != "sdxl":
-        with pytest.raises(PackError, match="cross-attention"):
-            guard(pipe, [pack, irece_pack])
+        with pytest.raises(ErasekitError, match="cross-attention"):
+            calibrate_irece(pipe, pack.concept)
+        foreign = calibrate_irece(build_tiny_sd_pipeline(0), pack.concept, n_prompts=2,
+                                  call_kwargs={"num_inference_steps": 1, "height": 32, "width": 32})
+        with pytest.raises(PackError):
+            guard(pipe, [pack, foreign])
         assert pipe.transformer._diffusers_hook.get_hook(HOOK_NAME) is None
         return
+    irece_pack = calibrate_irece(pipe, pack.concept, n_prompts=4, threshold=0.0, end=1.0,
+                                 call_kwargs={k: v for k, v in kwargs.items() if k != "output_type"})
     baseline = _run(pipe, [RED, BLUE], kwargs)
     with guard(pipe, [irece_pack]) as g:
         out = _run(lambda *a, **k: g(*a, erase=[["red"], []], **k), [RED, BLUE], kwargs)

@@ -2,35 +2,29 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from erasekit.steering import irece
 
 
-def test_attention_share_matches_explicit_softmax():
-    torch.manual_seed(0)
-    b, q, t, k, heads, d = 2, 5, 7, 3, 2, 4
-    query, keys, ckeys = torch.randn(b, q, heads * d), torch.randn(b, t, heads * d), torch.randn(k, heads * d)
-    share = irece.concept_attention_share(query, keys, ckeys, heads, d**-0.5)
-    expected = torch.zeros(b, q)
-    for h in range(heads):
-        sl = slice(h * d, (h + 1) * d)
-        all_keys = torch.cat([keys[:, :, sl], ckeys[None, :, sl].expand(b, k, d)], dim=1)
-        probs = torch.softmax(query[:, :, sl] @ all_keys.transpose(1, 2) * d**-0.5, dim=-1)
-        expected += probs[:, :, t:].sum(-1) / heads
-    torch.testing.assert_close(share, expected)
-    assert ((share >= 0) & (share <= 1)).all()
-
-
-def test_concept_key_equal_to_a_query_direction_dominates():
-    heads, d = 1, 8
-    query = torch.zeros(1, 2, d)
-    query[0, 0, 0] = 10.0  # this pixel "looks like" the concept
-    ckeys = torch.zeros(1, d)
-    ckeys[0, 0] = 10.0
-    share = irece.concept_attention_share(query, torch.zeros(1, 4, d), ckeys, heads, d**-0.5)
-    assert share[0, 0] > 0.99 and share[0, 1] < 0.5
+def test_probe_scores_and_fit_probe_localise_a_direction():
+    rng = np.random.default_rng(0)
+    direction = rng.normal(size=8).astype(np.float32)
+    pos = rng.normal(size=(200, 8)).astype(np.float32) + direction
+    neg = rng.normal(size=(200, 8)).astype(np.float32) - direction
+    weight, bias = irece.fit_probe(np.r_[pos, neg], np.r_[np.ones(200), np.zeros(200)])
+    query = torch.zeros(1, 3, 8)
+    query[0, 0] = torch.from_numpy(2 * direction)  # a position that looks like the concept
+    query[0, 2] = torch.from_numpy(-2 * direction)
+    scores = irece.probe_scores(query, weight, bias)
+    assert scores.shape == (1, 3)
+    assert scores[0, 0] > 0.9 and scores[0, 2] < 0.1
+    # fitted on means, applied per position: the mean position logit equals the image logit
+    torch.testing.assert_close(torch.logit(scores).mean(), torch.logit(irece.probe_scores(query.mean(1, True),
+                                                                                          weight, bias))[0, 0],
+                               atol=1e-3, rtol=1e-3)  # logit(sigmoid(x)) round trip in float32
 
 
 def test_maps_to_latent_and_mask():

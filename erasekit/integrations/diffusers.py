@@ -8,8 +8,8 @@ Three diffusers-native mechanisms, no patched pipeline copies:
   CogVideoX and Wan, and whether the caller passed ``prompt=`` or ``prompt_embeds=`` -- runs
   the CGCE detectors and, for flagged rows only, returns refined embeddings;
 * attention processors on the UNet's cross-attention (``attn2``) modules wrap the original
-  processor (whose output is returned untouched) and, during an IRECE window, record the share
-  of attention that the concept's keys would take;
+  processor (whose output is returned untouched) and, during an IRECE window, score each image
+  position with the concept's calibrated key (a probe on the layer's queries);
 * ``callback_on_step_end`` turns those maps into a mask and re-noises the masked latents.
 
 Hooks are inert outside a guarded call or :meth:`DiffusersGuard.erasing` block, so the modules
@@ -95,7 +95,7 @@ def fingerprint_pipeline(pipe: DiffusionPipeline) -> ModelFingerprint:
 
 
 def denoiser_sha256(pipe: DiffusionPipeline) -> str:
-    """Hash of the denoiser's first weight (IRECE reads its attention, so it must match too)."""
+    """Hash of the denoiser's first weight (IRECE probes its attention queries, so it must match too)."""
     first = next(denoiser_of(pipe).parameters())
     return hash_embedding_slice(first.reshape(first.shape[0], -1))
 
@@ -107,11 +107,26 @@ def cross_attention_processors(pipe: DiffusionPipeline) -> list[str]:
     return sorted(n for n in procs if n.endswith("attn2.processor"))
 
 
+def cross_attention_queries(attn: Any, hidden: torch.Tensor, images: int = 0) -> torch.Tensor:
+    """The queries ``[B, positions, C]`` a cross-attention module computes from ``hidden``.
+
+    Under CFG (``hidden`` has ``2 * images`` rows, ``[uncond, cond]``) only the conditional rows
+    are kept: those are the ones that draw what the prompt asks for.
+    """
+    h = hidden[images:] if images and hidden.shape[0] == 2 * images else hidden
+    if h.ndim == 4:
+        b, c, hh, ww = h.shape
+        h = h.view(b, c, hh * ww).transpose(1, 2)
+    if getattr(attn, "group_norm", None) is not None:
+        h = attn.group_norm(h.transpose(1, 2)).transpose(1, 2)
+    return attn.to_q(h)
+
+
 # ---------------------------------------------------------------------------- per-call state
 @dataclass
 class _IreceConcept:
     name: str
-    embedding: torch.Tensor  # K, D (conditioning space)
+    probes: dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer -> (weight [C], bias [1]) in query space
     layers: frozenset[str]
     threshold: float
     strength: float
@@ -190,6 +205,8 @@ class _ConditioningHook(ModelHook):
 
 class _CaptureProcessor:
     """Wraps a cross-attention processor: returns its output untouched, records IRECE maps when asked."""
+
+    # diffusers filters cross_attention_kwargs by this signature; keep it explicit.
 
     def __init__(self, inner: Any, name: str, guard: DiffusersGuard) -> None:
         self.inner = inner
@@ -318,18 +335,17 @@ class DiffusersGuard:
             raise PackError(where, "hyperparameters.denoiser_sha256", "pack was calibrated on another denoiser",
                             "calibrate the IRECE pack on this pipeline")
         layers = pack.hyperparameters["layers"]
-        if layers != "all":
-            unknown = sorted(set(layers) - set(names))
-            if unknown:
-                raise PackError(where, "hyperparameters.layers", f"no cross-attention processor {unknown[0]!r}",
-                                f"use names from {names[:3]}...")
+        unknown = sorted(set(layers) - set(names))
+        if unknown:
+            raise PackError(where, "hyperparameters.layers", f"no cross-attention processor {unknown[0]!r}",
+                            f"use names from {names[:3]}...")
 
     def _irece_concept(self, pack: ConceptPack) -> _IreceConcept:
         hp = pack.hyperparameters
-        names = cross_attention_processors(self.pipe)
-        layers = frozenset(names if hp["layers"] == "all" else hp["layers"])
         device = next(denoiser_of(self.pipe).parameters()).device
-        return _IreceConcept(pack.name, pack.tensors["concept_embedding"].to(device), layers, float(hp["threshold"]),
+        probes = {name: (pack.tensors[f"probe_weight.{i}"].to(device), pack.tensors[f"probe_bias.{i}"].to(device))
+                  for i, name in enumerate(hp["layers"])}
+        return _IreceConcept(pack.name, probes, frozenset(probes), float(hp["threshold"]),
                              float(hp["strength"]), float(hp["start"]), float(hp["end"]), int(hp["dilate"]),
                              int(hp["seed"]))
 
@@ -502,24 +518,12 @@ class DiffusersGuard:
 
     def _capture(self, state: _CallState, name: str, attn: Any, hidden: torch.Tensor, context: torch.Tensor) -> None:
         with torch.no_grad():
-            h, context = hidden, context
             images = len(state.per_prompt or ()) * state.images_per_prompt
-            if images and hidden.shape[0] == 2 * images:  # CFG [uncond, cond]: the mask uses cond only
-                h, context = hidden[images:], context[images:]
-            if h.ndim == 4:
-                b, c, hh, ww = h.shape
-                h = h.view(b, c, hh * ww).transpose(1, 2)
-            if getattr(attn, "group_norm", None) is not None:
-                h = attn.group_norm(h.transpose(1, 2)).transpose(1, 2)
-            ctx = attn.norm_encoder_hidden_states(context) if getattr(attn, "norm_cross", False) else context
-            query = attn.to_q(h)
-            keys = attn.to_k(ctx)
+            query = cross_attention_queries(attn, hidden, images)
             for concept in self._window_concepts(state):
-                if name not in concept.layers:
-                    continue
-                ckeys = attn.to_k(concept.embedding.to(keys.dtype))
-                share = irece_math.concept_attention_share(query, keys, ckeys, attn.heads, attn.scale)
-                state.maps.setdefault(concept.name, []).append(share)
+                if name in concept.layers:
+                    weight, bias = concept.probes[name]
+                    state.maps.setdefault(concept.name, []).append(irece_math.probe_scores(query, weight, bias))
 
     def _with_irece_callback(self, state: _CallState, kwargs: dict) -> dict:
         from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback

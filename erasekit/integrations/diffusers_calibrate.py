@@ -26,7 +26,14 @@ from erasekit.classifiers.onnx_export import export_detector
 from erasekit.errors import ErasekitError
 from erasekit.guardrails.concept import Concept
 from erasekit.guardrails.pack import ConceptPack
-from erasekit.integrations.diffusers import denoiser_of, denoiser_sha256, fingerprint_pipeline
+from erasekit.integrations.diffusers import (
+    conditioning_dim,
+    cross_attention_processors,
+    cross_attention_queries,
+    denoiser_of,
+    denoiser_sha256,
+    fingerprint_pipeline,
+)
 from erasekit.steering import irece
 
 _CAPTURE_HOOK = "erasekit_calibration_capture"
@@ -142,15 +149,98 @@ def calibrate_cgce(
     )
 
 
+class _QueryRecorder:
+    """Temporary cross-attention processor: original output, plus the mean query per image and step."""
+
+    def __init__(self, inner: Any, name: str, sink: dict[str, list[torch.Tensor]], images: int) -> None:
+        self.inner, self.name, self.sink, self.images = inner, name, sink, images
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 **kwargs: Any) -> torch.Tensor:
+        if encoder_hidden_states is not None:
+            with torch.no_grad():
+                query = cross_attention_queries(attn, hidden_states, self.images)
+            self.sink.setdefault(self.name, []).append(query.float().mean(dim=1).cpu())
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+
+
+def record_queries(
+    pipe: DiffusionPipeline, prompts: Sequence[str], layers: Sequence[str], fit_until: float, batch_size: int = 16,
+    progress: bool = False, **call_kwargs: Any,
+) -> dict[str, torch.Tensor]:
+    """Mean cross-attention query per (prompt, step) for the first ``fit_until`` of the schedule.
+
+    Returns ``{layer: [len(prompts) * steps, C]}``, rows ordered prompt-major within each batch.
+    """
+    denoiser = denoiser_of(pipe)
+    original = dict(denoiser.attn_processors)
+    steps = int(call_kwargs.get("num_inference_steps", 20))
+    keep = max(1, int(round(fit_until * steps)))
+    out: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+    try:
+        for start in tqdm(range(0, len(prompts), batch_size), desc="recording queries", disable=not progress):
+            batch = list(prompts[start:start + batch_size])
+            sink: dict[str, list[torch.Tensor]] = {}
+            procs = {n: (_QueryRecorder(p, n, sink, len(batch)) if n in layers else p) for n, p in original.items()}
+            denoiser.set_attn_processor(dict(procs))
+            with torch.no_grad():
+                pipe(prompt=batch, output_type="latent", generator=torch.Generator().manual_seed(start),
+                     **{"num_inference_steps": steps, **call_kwargs})
+            for n in layers:
+                calls = sink.get(n, [])[:keep]  # one entry per denoiser call = per step
+                out[n].append(torch.stack(calls, dim=1).flatten(0, 1))  # [B * keep, C]
+    finally:
+        denoiser.set_attn_processor(dict(original))
+    return {n: torch.cat(v) for n, v in out.items()}
+
+
 def calibrate_irece(
-    pipe: DiffusionPipeline, concept: Concept, encode_kwargs: dict[str, Any] | None = None, **hyperparameters: Any
+    pipe: DiffusionPipeline,
+    concept: Concept,
+    *,
+    n_prompts: int = 48,
+    call_kwargs: dict[str, Any] | None = None,
+    C: float = 1.0,
+    progress: bool = False,
+    **hyperparameters: Any,
 ) -> ConceptPack:
-    """An IRECE pack: the concept's conditioning rows plus localisation/perturbation hyperparameters."""
+    """An IRECE pack: per-layer concept probes on cross-attention queries, plus mask/perturbation settings.
+
+    The pipeline draws ``n_prompts`` forget prompts (label 1) and retain prompts (label 0) with
+    ``call_kwargs`` (use the settings it will be served with); each cross-attention layer's mean
+    query per image and step, over the first 70 % of the schedule, trains a logistic probe.
+    """
     hp = _apply_overrides(dict(irece.DEFAULTS), hyperparameters, "irece")
-    embedding = concept_embedding(pipe, _phrases(concept), **(encode_kwargs or {}))
-    hp.update(embed_dim=int(embedding.shape[1]), denoiser_sha256=denoiser_sha256(pipe))
+    names = cross_attention_processors(pipe)
+    if not names:
+        raise ErasekitError(type(pipe).__name__, "method", "IRECE needs UNet cross-attention (attn2) layers",
+                            "use CGCE alone on DiT/video pipelines")
+    layers = names if hp["layers"] == "all" else list(hp["layers"])
+    unknown = sorted(set(layers) - set(names))
+    if unknown:
+        raise ErasekitError("calibrate_irece", "layers", f"no cross-attention processor {unknown[0]!r}",
+                            f"use names from {names[:3]}...")
+    if len(concept.forget) < 2 or len(concept.retain) < 2:
+        raise ErasekitError("Concept", "forget/retain", "IRECE needs at least 2 prompts with and 2 without the concept",
+                            "pass a few dozen of each")
+    forget, retain = list(concept.forget[:n_prompts]), list(concept.retain[:n_prompts])
+    kwargs = dict(call_kwargs or {})
+    pos = record_queries(pipe, forget, layers, 0.7, progress=progress, **kwargs)
+    neg = record_queries(pipe, retain, layers, 0.7, progress=progress, **kwargs)
+    tensors: dict[str, torch.Tensor] = {}
+    accuracy = []
+    for i, name in enumerate(layers):
+        x = torch.cat([pos[name], neg[name]]).numpy()
+        y = np.r_[np.ones(len(pos[name])), np.zeros(len(neg[name]))]
+        weight, bias = irece.fit_probe(x, y, C=C)
+        tensors[f"probe_weight.{i}"], tensors[f"probe_bias.{i}"] = weight, bias
+        accuracy.append(float(((x @ weight.numpy() + bias.numpy()[0] > 0) == y).mean()))
+    embed_dim = conditioning_dim(pipe) or int(encode_conditioning(pipe, [concept.name], **kwargs).shape[-1])
+    hp.update(layers=layers, embed_dim=int(embed_dim), denoiser_sha256=denoiser_sha256(pipe),
+              probe_train_accuracy=[round(a, 4) for a in accuracy])
     return ConceptPack(concept=concept, method="irece", fingerprint=fingerprint_pipeline(pipe),
-                       tensors={"concept_embedding": embedding}, hyperparameters=hp)
+                       tensors=tensors, hyperparameters=hp)
 
 
 def calibrate(pipe: DiffusionPipeline, concept: Concept, method: str = "cgce", **kwargs: Any) -> ConceptPack:

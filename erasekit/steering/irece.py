@@ -5,13 +5,17 @@ embeddings and inverted latents, which never spell the concept in text, so text-
 (CGCE included) cannot see it. IRECE looks at the image instead: pixels that are forming the
 concept attend strongly to the concept's keys.
 
-Localisation (our choice, justified): the concept's *calibrated embedding* ``C`` (its token
-rows in the generator's own conditioning) is projected by each chosen cross-attention layer's
-``to_k`` and appended to the prompt's keys; the share of each image query's softmax mass that
-lands on those extra keys is the concept map. This works whether the concept arrived by text,
-by a learned token or through an inverted latent, because it reads the image queries, and it
-is calibrated in absolute terms (a share of attention), so a fixed threshold means the same on
-every image. The maps of the chosen layers are upsampled to latent size and averaged.
+Localisation (our choice, justified): a *calibrated concept key* per cross-attention layer. The
+obvious signal -- the share of attention image queries give to the concept word's text keys --
+was measured on the trained world and does not separate images with the concept from images
+without it (DDIM-inverted red vs green scenes: max share 0.221-0.229 vs 0.230-0.234; the UNet
+reads MiniLM's contextual tokens, where every token carries the whole sentence, so its keys
+barely localise words). So the key is learned instead: a logistic probe ``sigmoid(q . w + b)``
+on each layer's cross-attention *queries*, fitted on the generator's own activations while it
+draws forget prompts (concept) vs retain prompts (no concept). ``w`` is a direction in query
+space, i.e. a key the concept's pixels attend to; it reads the image, so it localises the concept
+whatever carried it in (text, a learned embedding, an inverted latent). Per-layer scores are
+upsampled to latent size and averaged.
 
 Perturbation (our choice): inside a window of denoising steps, masked latents are partially
 re-noised, ``z <- sqrt(1 - s) z + sqrt(s) std(z) eps`` with ``eps`` from a seeded generator, so
@@ -25,6 +29,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -35,33 +40,18 @@ if TYPE_CHECKING:
     from erasekit.guardrails.pack import ConceptPack
 
 METHOD = "irece"
-#: ``layers``: "all" or a list of cross-attention processor names; ``threshold``: share of
-#: attention on the concept keys above which a latent pixel is masked; ``strength``: re-noise
-#: fraction s; ``start``/``end``: step window as fractions of the schedule; ``dilate``: mask
-#: dilation in latent pixels; ``seed``: noise seed.
+#: ``layers``: "all" or a list of cross-attention processor names (resolved to names at
+#: calibration); ``threshold``: probe probability above which a latent pixel is masked;
+#: ``strength``: re-noise fraction s; ``start``/``end``: step window as fractions of the schedule;
+#: ``dilate``: mask dilation in latent pixels; ``seed``: noise seed.
 DEFAULTS: dict[str, object] = {
-    "layers": "all", "threshold": 0.3, "strength": 0.5, "start": 0.0, "end": 0.5, "dilate": 1, "seed": 0,
+    "layers": "all", "threshold": 0.7, "strength": 0.5, "start": 0.0, "end": 0.5, "dilate": 1, "seed": 0,
 }
 
 
-def concept_attention_share(
-    query: torch.Tensor, prompt_keys: torch.Tensor, concept_keys: torch.Tensor, heads: int, scale: float
-) -> torch.Tensor:
-    """Share of each query's attention that goes to ``concept_keys`` when they join the prompt's keys.
-
-    Shapes: ``query`` [B, Q, H*d], ``prompt_keys`` [B, T, H*d], ``concept_keys`` [K, H*d];
-    returns [B, Q] in [0, 1], averaged over heads.
-    """
-    b, q_len, inner = query.shape
-    d = inner // heads
-    qh = query.view(b, q_len, heads, d).transpose(1, 2)  # B H Q d
-    kp = prompt_keys.view(b, -1, heads, d).transpose(1, 2)  # B H T d
-    kc = concept_keys.view(-1, heads, d).transpose(0, 1)  # H K d
-    lp = torch.matmul(qh, kp.transpose(-1, -2)) * scale  # B H Q T
-    lc = torch.matmul(qh, kc.transpose(-1, -2).unsqueeze(0)) * scale  # B H Q K
-    total = torch.logsumexp(torch.cat([lp, lc], dim=-1), dim=-1)
-    share = torch.exp(torch.logsumexp(lc, dim=-1) - total)  # B H Q
-    return share.mean(dim=1)
+def probe_scores(query: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Concept probability per image position: ``sigmoid(query . weight + bias)``; [B, Q, C] -> [B, Q]."""
+    return torch.sigmoid(query.float() @ weight.float() + bias.float())
 
 
 def maps_to_latent(maps: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
@@ -125,16 +115,34 @@ def validate(pack: ConceptPack, where: str) -> None:
         raise PackError(where, "hyperparameters.start", f"window start {hp['start']} is not before end {hp['end']}",
                         "set 0 <= start < end <= 1")
     layers = hp.get("layers")
-    if layers != "all" and not (isinstance(layers, list) and layers and all(isinstance(x, str) for x in layers)):
-        raise PackError(where, "hyperparameters.layers", f"expected 'all' or a non-empty list of names, got {layers!r}",
-                        "list cross-attention processor names (pipe.unet.attn_processors keys ending in attn2.processor)")
-    if set(pack.tensors) != {"concept_embedding"}:
-        raise PackError(where, "tensors", f"expected only 'concept_embedding', got {sorted(pack.tensors)}",
+    if not (isinstance(layers, list) and layers and all(isinstance(x, str) for x in layers)):
+        raise PackError(where, "hyperparameters.layers", f"expected a non-empty list of names, got {layers!r}",
+                        "re-calibrate; layers name cross-attention processors (keys ending in attn2.processor)")
+    expected = {f"probe_weight.{i}" for i in range(len(layers))} | {f"probe_bias.{i}" for i in range(len(layers))}
+    if set(pack.tensors) != expected:
+        raise PackError(where, "tensors", f"expected {sorted(expected)}, got {sorted(pack.tensors)}",
                         "re-calibrate the pack with `erasekit calibrate --method irece`")
-    emb = pack.tensors["concept_embedding"]
-    if emb.ndim != 2 or emb.shape[0] < 1 or emb.shape[1] != hp["embed_dim"]:
-        raise PackError(where, "tensors.concept_embedding", f"shape {list(emb.shape)} is not [K, {hp['embed_dim']}]",
-                        "re-calibrate the pack")
+    for i in range(len(layers)):
+        w, b = pack.tensors[f"probe_weight.{i}"], pack.tensors[f"probe_bias.{i}"]
+        if w.ndim != 1 or w.shape[0] < 1:
+            raise PackError(where, f"tensors.probe_weight.{i}", f"shape {list(w.shape)} is not [C]", "re-calibrate")
+        if list(b.shape) != [1]:
+            raise PackError(where, f"tensors.probe_bias.{i}", f"shape {list(b.shape)} is not [1]", "re-calibrate")
+
+
+def fit_probe(features: np.ndarray, labels: np.ndarray, C: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logistic probe on mean-pooled queries ``[N, C]``; returns (weight, bias) in raw query units.
+
+    Fitted on image means, applied per position: the mean of per-position logits is the image
+    logit, so positions that look like the concept score above the image and the rest below.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    mean, scale = features.mean(0), features.std(0) + 1e-6
+    clf = LogisticRegression(C=C, max_iter=3000).fit((features - mean) / scale, labels)
+    weight = clf.coef_[0] / scale
+    bias = clf.intercept_[0] - float((clf.coef_[0] * mean / scale).sum())
+    return torch.tensor(weight, dtype=torch.float32), torch.tensor([bias], dtype=torch.float32)
 
 
 register_method(MethodSpec(name=METHOD, family="diffusion", validate=validate))
