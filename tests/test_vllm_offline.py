@@ -160,3 +160,15 @@ def test_bad_policy_refuses_to_start(tmp_path, world):
     bad.write_text("concepts:\n  alpha: {pack: does/not/exist}\n")
     with pytest.raises(ErasekitError, match="does not exist"):
         LLM(model=str(world.model_dir), additional_config={"erasekit": {"policy": str(bad)}})
+
+
+def test_pack_for_another_model_refuses_to_start(tmp_path, world):
+    """Packs calibrated on another checkpoint (same architecture and shapes) must stop the engine."""
+    from vllm import LLM
+
+    from erasekit.integrations.vllm_testing import write_world
+
+    other = write_world(tmp_path / "other", seed=1)  # a different random tiny Llama
+    with pytest.raises(Exception, match="initialization failed|embedding_sha256"):
+        LLM(model=str(world.model_dir), dtype="float32", max_model_len=256, gpu_memory_utilization=0.2,
+            enforce_eager=True, additional_config={"erasekit": {"policy": str(other.policy_path)}})
