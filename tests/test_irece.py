@@ -9,7 +9,7 @@ import torch
 from erasekit.steering import irece
 
 
-def test_probe_scores_and_fit_probe_localise_a_direction():
+def test_fit_probe_and_logits_localise_a_direction():
     rng = np.random.default_rng(0)
     direction = rng.normal(size=8).astype(np.float32)
     pos = rng.normal(size=(200, 8)).astype(np.float32) + direction
@@ -18,13 +18,11 @@ def test_probe_scores_and_fit_probe_localise_a_direction():
     query = torch.zeros(1, 3, 8)
     query[0, 0] = torch.from_numpy(2 * direction)  # a position that looks like the concept
     query[0, 2] = torch.from_numpy(-2 * direction)
-    scores = irece.probe_scores(query, weight, bias)
-    assert scores.shape == (1, 3)
-    assert scores[0, 0] > 0.9 and scores[0, 2] < 0.1
-    # fitted on means, applied per position: the mean position logit equals the image logit
-    torch.testing.assert_close(torch.logit(scores).mean(), torch.logit(irece.probe_scores(query.mean(1, True),
-                                                                                          weight, bias))[0, 0],
-                               atol=1e-3, rtol=1e-3)  # logit(sigmoid(x)) round trip in float32
+    logits = irece.probe_logits(query, weight, bias)
+    assert logits.shape == (1, 3)
+    assert logits[0, 0] > 2 and logits[0, 2] < -2
+    # fitted on means, applied per position: the mean position logit is the image logit
+    torch.testing.assert_close(logits.mean(), irece.probe_logits(query.mean(1, True), weight, bias)[0, 0])
 
 
 def test_maps_to_latent_and_mask():
@@ -32,14 +30,20 @@ def test_maps_to_latent_and_mask():
     coarse[0, 0] = 1.0
     fine = torch.zeros(1, 16)  # 4x4 map
     fine[0, 0] = 1.0
-    share = irece.maps_to_latent([coarse, fine], (4, 4))
-    assert share.shape == (1, 4, 4)
-    assert share[0, 0, 0] > share[0, 3, 3]
-    mask = irece.build_mask(share, 0.5, dilate=0)
-    assert mask.shape == (1, 1, 4, 4) and mask[0, 0, 0, 0] and not mask[0, 0, 3, 3]
-    assert irece.build_mask(share, 0.5, dilate=1).sum() > mask.sum()
+    logits = irece.maps_to_latent([coarse, fine], (4, 4))
+    assert logits.shape == (1, 4, 4)
+    assert logits[0, 0, 0] > logits[0, 3, 3]
     with pytest.raises(ValueError, match="does not tile"):
         irece.maps_to_latent([torch.zeros(1, 5)], (4, 4))
+    hot = torch.full((2, 4, 4), -1.0)
+    hot[0] = 3.0  # image 0 is confidently the concept ...
+    hot[0, :2] = 5.0  # ... most of all in its top half
+    mask, gate = irece.build_mask(hot, 0.5, dilate=0)
+    assert gate.tolist() == [True, False]
+    assert mask.shape == (2, 1, 4, 4)
+    assert mask[0, 0, :2].all() and not mask[0, 0, 2:].any() and not mask[1].any()
+    dilated, _ = irece.build_mask(hot, 0.5, dilate=1)
+    assert dilated.sum() > mask.sum() and not dilated[1].any()
 
 
 def test_perturb_changes_only_masked_latents():

@@ -55,7 +55,7 @@ TUNE_CONCEPTS = ["square", "green", "checker"]
 LATENT_ATTACKS = ("ti_whitebox", "ti_blackbox", "ddim_whitebox", "ddim_blackbox")
 #: The IRECE search space (mask threshold on the attention share, re-noise strength, step window).
 GRID = {
-    "threshold": [0.05, 0.1, 0.2],
+    "threshold": [0.3, 0.5, 0.7],
     "strength": [0.5, 0.9],
     "window": [(0.0, 0.4), (0.0, 0.7)],
     "dilate": [1],
@@ -94,9 +94,33 @@ def calibrate_packs(world: World, concepts: list[str], n_prompts: int, irece_hp:
                 cg.save_pretrained(path)
         if cgce_hp:
             cg = with_hyperparameters(cg, **cgce_hp)
-        ir = calibrate_irece(world.pipe, concept, **(irece_hp or {}))
+        hp = dict(irece_hp or {})
+        layers = hp.pop("layers", "all")
+        ir = calibrate_irece(world.pipe, concept, call_kwargs=world_call_kwargs(world), **hp)
+        if layers != "all":
+            ir = subset_layers(ir, layers)
         out[c] = {"cgce": cg, "irece": ir}
     return out
+
+
+def world_call_kwargs(world: World) -> dict[str, Any]:
+    """The sampling settings every world number uses (IRECE probes are fitted under them)."""
+    return {"num_inference_steps": world.num_inference_steps, "guidance_scale": world.guidance_scale,
+            "height": world.height, "width": world.width}
+
+
+def subset_layers(pack: ConceptPack, layers: list[str]) -> ConceptPack:
+    """An IRECE pack restricted to some of its layers (fewer captures: cheaper)."""
+    names = pack.hyperparameters["layers"]
+    keep = [names.index(n) for n in layers]
+    tensors = {}
+    for new, old in enumerate(keep):
+        tensors[f"probe_weight.{new}"] = pack.tensors[f"probe_weight.{old}"]
+        tensors[f"probe_bias.{new}"] = pack.tensors[f"probe_bias.{old}"]
+    new_pack = dataclasses.replace(pack, tensors=tensors, source=None,
+                                   hyperparameters={**pack.hyperparameters, "layers": list(layers)})
+    new_pack.validate()
+    return new_pack
 
 
 def with_hyperparameters(pack: ConceptPack, **hp: Any) -> ConceptPack:
@@ -207,14 +231,16 @@ def tune_irece(world: World, packs: dict[str, dict[str, ConceptPack]], n: int, t
                             **benign_utility(world, g, c, n, seed + 7)}
         reference[c]["benign_accuracy_unguarded"] = benign_utility(world, base, c, n, seed + 7)["benign_accuracy"]
     first = cross_attention_processors(world.pipe)[:1]
-    configs = [dict(threshold=t, strength=s, start=w[0], end=w[1], dilate=d, layers="all" if lay == "all" else first)
+    configs = [dict(threshold=t, strength=s, start=w[0], end=w[1], dilate=d, layers=lay if lay == "all" else first)
                for t, s, w, d, lay in itertools.product(GRID["threshold"], GRID["strength"], GRID["window"],
                                                        GRID["dilate"], GRID["layers"])]
     rows = []
     for hp in tqdm(configs, desc="IRECE grid", disable=not progress):
         per = {}
         for c, p in packs.items():
-            ir = with_hyperparameters(p["irece"], **hp)
+            ir = with_hyperparameters(p["irece"], **{k: v for k, v in hp.items() if k != "layers"})
+            if hp["layers"] != "all":
+                ir = subset_layers(ir, hp["layers"])
             with guard(world.pipe, [p["cgce"], ir]) as g:
                 per[c] = {**attack_crr(world, g, attack_sets[c], n, seed), **benign_utility(world, g, c, n, seed + 7)}
         crr = float(np.mean([per[c][a] for c in per for a in LATENT_ATTACKS]))

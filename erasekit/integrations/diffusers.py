@@ -144,7 +144,7 @@ class CallReport:
     scores: dict[str, list[float]] = field(default_factory=dict)  # concept -> P(concept) per row
     refine_steps: int = 0
     irece_masked_fraction: dict[str, list[float]] = field(default_factory=dict)  # concept -> per step
-    irece_max_share: dict[str, list[list[float]]] = field(default_factory=dict)  # concept -> per step, per image
+    irece_gate: dict[str, list[list[float]]] = field(default_factory=dict)  # concept -> per step, P(concept) per image
 
 
 class _CallState:
@@ -523,7 +523,7 @@ class DiffusersGuard:
             for concept in self._window_concepts(state):
                 if name in concept.layers:
                     weight, bias = concept.probes[name]
-                    state.maps.setdefault(concept.name, []).append(irece_math.probe_scores(query, weight, bias))
+                    state.maps.setdefault(concept.name, []).append(irece_math.probe_logits(query, weight, bias))
 
     def _with_irece_callback(self, state: _CallState, kwargs: dict) -> dict:
         from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
@@ -556,11 +556,12 @@ class DiffusersGuard:
                 continue
             b = latents.shape[0]
             cond = [m[-b:] for m in captured]  # under CFG the batch is [uncond, cond]
-            share = irece_math.maps_to_latent(cond, tuple(latents.shape[-2:]))
-            mask = irece_math.build_mask(share, concept.threshold, concept.dilate)
+            logits = irece_math.maps_to_latent(cond, tuple(latents.shape[-2:]))
+            mask, gate = irece_math.build_mask(logits, concept.threshold, concept.dilate)
             mask = mask & state.rows(concept.name, b, latents.device)[:, None, None, None]
             state.report.irece_masked_fraction.setdefault(concept.name, []).append(float(mask.float().mean()))
-            state.report.irece_max_share.setdefault(concept.name, []).append(share.flatten(1).amax(1).tolist())
+            state.report.irece_gate.setdefault(concept.name, []).append(
+                torch.sigmoid(logits.flatten(1).mean(1)).tolist())
             gen = torch.Generator(device="cpu").manual_seed(concept.seed + 1000003 * step)
             out = irece_math.perturb_latents(out, mask, concept.strength, gen)
         return out

@@ -14,8 +14,9 @@ barely localise words). So the key is learned instead: a logistic probe ``sigmoi
 on each layer's cross-attention *queries*, fitted on the generator's own activations while it
 draws forget prompts (concept) vs retain prompts (no concept). ``w`` is a direction in query
 space, i.e. a key the concept's pixels attend to; it reads the image, so it localises the concept
-whatever carried it in (text, a learned embedding, an inverted latent). Per-layer scores are
-upsampled to latent size and averaged.
+whatever carried it in (text, a learned embedding, an inverted latent). Per-layer logits are
+upsampled to latent size and averaged; their image mean gates the image (the probe is fitted on
+image means, so that decision is calibrated), and the above-mean positions form the mask.
 
 Perturbation (our choice): inside a window of denoising steps, masked latents are partially
 re-noised, ``z <- sqrt(1 - s) z + sqrt(s) std(z) eps`` with ``eps`` from a seeded generator, so
@@ -41,21 +42,21 @@ if TYPE_CHECKING:
 
 METHOD = "irece"
 #: ``layers``: "all" or a list of cross-attention processor names (resolved to names at
-#: calibration); ``threshold``: probe probability above which a latent pixel is masked;
+#: calibration); ``threshold``: image-level probe probability above which an image is masked;
 #: ``strength``: re-noise fraction s; ``start``/``end``: step window as fractions of the schedule;
 #: ``dilate``: mask dilation in latent pixels; ``seed``: noise seed.
 DEFAULTS: dict[str, object] = {
-    "layers": "all", "threshold": 0.7, "strength": 0.5, "start": 0.0, "end": 0.5, "dilate": 1, "seed": 0,
+    "layers": "all", "threshold": 0.5, "strength": 0.5, "start": 0.0, "end": 0.5, "dilate": 1, "seed": 0,
 }
 
 
-def probe_scores(query: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Concept probability per image position: ``sigmoid(query . weight + bias)``; [B, Q, C] -> [B, Q]."""
-    return torch.sigmoid(query.float() @ weight.float() + bias.float())
+def probe_logits(query: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Concept logit per image position, ``query . weight + bias``; [B, Q, C] -> [B, Q]."""
+    return query.float() @ weight.float() + bias.float()
 
 
 def maps_to_latent(maps: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-    """Average flat attention maps ``[B, h*w]`` of several resolutions at latent ``size`` -> [B, H, W]."""
+    """Average flat per-position maps ``[B, h*w]`` of several resolutions at latent ``size`` -> [B, H, W]."""
     height, width = size
     out = None
     for m in maps:
@@ -70,12 +71,20 @@ def maps_to_latent(maps: list[torch.Tensor], size: tuple[int, int]) -> torch.Ten
     return (out / len(maps))[:, 0]
 
 
-def build_mask(share: torch.Tensor, threshold: float, dilate: int) -> torch.Tensor:
-    """Binary mask [B, 1, H, W] where the concept share exceeds ``threshold``, dilated by ``dilate`` pixels."""
-    mask = (share > threshold).float()[:, None]
+def build_mask(logits: torch.Tensor, threshold: float, dilate: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask [B, 1, H, W] from per-position concept logits [B, H, W]; also returns the image gate [B].
+
+    The probe was fitted on image means, so the mean logit is a calibrated image-level decision:
+    an image is gated in when ``sigmoid(mean logit) > threshold``. Within a gated image, the
+    positions whose logit is above the image's mean are the concept-like ones; they are masked and
+    the mask is dilated by ``dilate`` latent pixels.
+    """
+    mean = logits.mean(dim=(1, 2), keepdim=True)
+    gate = torch.sigmoid(mean.flatten()) > threshold
+    mask = ((logits > mean) & gate[:, None, None]).float()[:, None]
     if dilate > 0:
         mask = F.max_pool2d(mask, kernel_size=2 * dilate + 1, stride=1, padding=dilate)
-    return mask > 0
+    return mask > 0, gate
 
 
 def perturb_latents(
