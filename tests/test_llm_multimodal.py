@@ -63,3 +63,17 @@ def test_image_text_calibration_and_per_row_erasure(llava, method, tmp_path):
     assert torch.equal(guarded[1], base[1])
     assert torch.equal(benign, base)
     assert not torch.allclose(guarded[0], base[0])
+
+
+def test_qwen2_vl_language_model_layers_are_found():
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    text = {"vocab_size": 200, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "bos_token_id": 0, "eos_token_id": 1,
+            "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]}}
+    vision = {"depth": 1, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "patch_size": 14,
+              "spatial_merge_size": 2, "temporal_patch_size": 2}
+    model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision))
+    layers = find_decoder_layers(model)
+    assert [type(m).__name__ for m in layers] == ["Qwen2VLDecoderLayer"] * 2
+    assert layers[1] is model.model.language_model.layers[1]
