@@ -130,7 +130,7 @@ def with_hyperparameters(pack: ConceptPack, **hp: Any) -> ConceptPack:
 
 
 # ---------------------------------------------------------------------------- CGCE tuning
-CGCE_GRID = {"target": [0.5, 0.1, 0.01], "eta": [1.0, 3.0], "max_steps": [50]}
+CGCE_GRID = {"target": [0.01, 1e-4], "eta": [1.0, 30.0], "max_steps": [100, 200]}
 
 
 def tune_cgce(world: World, packs: dict[str, dict[str, ConceptPack]], n: int, seed: int = 100,

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from erasekit.guardrails.pack import ConceptPack
 
 METHOD = "cgce"
-DEFAULTS: dict[str, float | int] = {"tau": 0.1, "threshold": 0.5, "eta": 1.0, "max_steps": 20, "target": 0.5}
+DEFAULTS: dict[str, float | int] = {"tau": 0.1, "threshold": 0.5, "eta": 1.0, "max_steps": 100, "target": 0.01}
 _TENSORS = ("concept_embedding", "twin_weight", "twin_bias")
 
 

@@ -24,10 +24,16 @@ def fit_detector(
     concept: np.ndarray,
     *,
     tau: float = 0.1,
-    C: float = 1.0,
+    C: float = 0.01,
+    standardize: bool = False,
     seed: int = 0,
 ) -> Pipeline:
-    """Fit the detector on conditioning tensors ``[N, T, D]`` with (unsafe=1) and without (safe=0) the concept."""
+    """Fit the detector on conditioning tensors ``[N, T, D]`` with (unsafe=1) and without (safe=0) the concept.
+
+    Features are centred but not rescaled by default: standardising gives near-constant features
+    (padding positions) huge weights, and the refiner's gradient then points along directions the
+    generator ignores (measured on the world: CRR unchanged at 92 %, vs 17-33 % unscaled).
+    """
     if unsafe.ndim != 3 or safe.ndim != 3 or unsafe.shape[1:] != safe.shape[1:]:
         raise ValueError(f"unsafe {unsafe.shape} and safe {safe.shape} must both be [N, T, D] with equal T, D")
     _, t, d = unsafe.shape
@@ -35,7 +41,7 @@ def fit_detector(
     y = np.concatenate([np.ones(len(unsafe)), np.zeros(len(safe))]).astype(np.int64)
     detector = Pipeline([
         ("pool", ConceptAttentionPool(concept=concept, seq_len=t, tau=tau)),
-        ("scale", StandardScaler()),
+        ("scale", StandardScaler(with_std=standardize)),
         ("clf", LogisticRegression(C=C, max_iter=2000, random_state=seed)),
     ])
     return detector.fit(x, y)

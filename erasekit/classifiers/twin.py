@@ -20,6 +20,9 @@ from sklearn.pipeline import Pipeline
 
 from erasekit.classifiers.features import concept_features_torch
 
+#: Largest refinement step, as a fraction of the prompt embedding's norm.
+MAX_STEP_FRACTION = 0.1
+
 
 @dataclass
 class TorchTwin:
@@ -34,8 +37,9 @@ class TorchTwin:
     def from_detector(cls, detector: Pipeline) -> TorchTwin:
         pool, scaler, clf = (step for _, step in detector.steps)
         coef = clf.coef_[0].astype(np.float64)
-        weight = coef / scaler.scale_
-        bias = clf.intercept_[0] - float((coef * scaler.mean_ / scaler.scale_).sum())
+        scale = scaler.scale_ if scaler.scale_ is not None else np.ones_like(coef)
+        weight = coef / scale
+        bias = clf.intercept_[0] - float((coef * scaler.mean_ / scale).sum())
         return cls(
             concept=torch.from_numpy(np.asarray(pool.concept_, np.float32).copy()),
             weight=torch.from_numpy(weight.astype(np.float32)),
@@ -95,7 +99,12 @@ def refine(
             # own step size, summed (CGCE's multi-concept aggregation).
             loss = (torch.nn.functional.softplus(logits) * active * step_sizes).sum()
             (grad,) = torch.autograd.grad(loss, x)
-            x = (x.detach() - grad).detach()
+            # Trust region: one step moves a prompt by at most MAX_STEP_FRACTION of its own norm,
+            # so an ill-conditioned classifier (a near-constant feature with a huge weight) cannot
+            # throw the embedding to inf/NaN; well-conditioned steps are not affected.
+            limit = MAX_STEP_FRACTION * x.detach().flatten(1).norm(dim=1)
+            scale = (limit / grad.flatten(1).norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
+            x = (x.detach() - grad * scale[:, None, None]).detach()
     final = torch.sigmoid(logits.detach())
     moved = rows.any(dim=0)
     out = torch.where(moved[:, None, None], x.detach().to(embeds.dtype), base)

@@ -118,7 +118,7 @@ def calibrate_cgce(
     pipe: DiffusionPipeline,
     concept: Concept,
     *,
-    C: float = 1.0,
+    C: float = 0.01,
     batch_size: int = 32,
     progress: bool = False,
     encode_kwargs: dict[str, Any] | None = None,
