@@ -56,7 +56,7 @@ def test_refine_moves_flagged_rows_under_target_only(fitted):
     x = torch.from_numpy(np.concatenate([unsafe[:4], safe[:4]]))
     flagged = torch.sigmoid(twin.logits(x)) > 0.5
     assert flagged.tolist() == [True] * 4 + [False] * 4
-    result = refine(x, [twin], flagged[None], etas=[1.0], max_steps=50, targets=[0.2])
+    result = refine(x, [twin], flagged[None], etas=[50.0], max_steps=100, targets=[0.2])
     assert torch.equal(result.embeds[4:], x[4:])  # benign rows bit-identical
     assert not torch.equal(result.embeds[:4], x[:4])
     assert (torch.sigmoid(twin.logits(result.embeds[:4])) <= 0.2 + 1e-4).all()

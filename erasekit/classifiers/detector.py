@@ -24,7 +24,7 @@ def fit_detector(
     concept: np.ndarray,
     *,
     tau: float = 0.1,
-    C: float = 0.01,
+    C: float | None = None,
     standardize: bool = False,
     seed: int = 0,
 ) -> Pipeline:
@@ -33,18 +33,33 @@ def fit_detector(
     Features are centred but not rescaled by default: standardising gives near-constant features
     (padding positions) huge weights, and the refiner's gradient then points along directions the
     generator ignores (measured on the world: CRR unchanged at 92 %, vs 17-33 % unscaled).
+    ``C=None`` picks the strongest regularisation whose 3-fold accuracy is within 0.5 % of the
+    best: a smoother decision direction, which is what the refiner follows.
     """
     if unsafe.ndim != 3 or safe.ndim != 3 or unsafe.shape[1:] != safe.shape[1:]:
         raise ValueError(f"unsafe {unsafe.shape} and safe {safe.shape} must both be [N, T, D] with equal T, D")
     _, t, d = unsafe.shape
     x = np.concatenate([unsafe, safe]).reshape(len(unsafe) + len(safe), t * d).astype(np.float32)
     y = np.concatenate([np.ones(len(unsafe)), np.zeros(len(safe))]).astype(np.int64)
-    detector = Pipeline([
-        ("pool", ConceptAttentionPool(concept=concept, seq_len=t, tau=tau)),
-        ("scale", StandardScaler(with_std=standardize)),
-        ("clf", LogisticRegression(C=C, max_iter=2000, random_state=seed)),
-    ])
-    return detector.fit(x, y)
+    def make(c: float) -> Pipeline:
+        return Pipeline([
+            ("pool", ConceptAttentionPool(concept=concept, seq_len=t, tau=tau)),
+            ("scale", StandardScaler(with_std=standardize)),
+            ("clf", LogisticRegression(C=c, max_iter=2000, random_state=seed)),
+        ])
+
+    if C is None:
+        from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+        folds = StratifiedKFold(n_splits=min(3, int(y.sum()), int((1 - y).sum())), shuffle=True, random_state=seed)
+        scores = {c: cross_val_score(make(c), x, y, cv=folds).mean() for c in C_GRID}
+        best = max(scores.values())
+        C = min(c for c, sc in scores.items() if sc >= best - 0.005)
+    return make(C).fit(x, y)
+
+
+#: Regularisation strengths tried when ``C`` is not given.
+C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 
 
 class OnnxDetector:

@@ -118,7 +118,7 @@ def calibrate_cgce(
     pipe: DiffusionPipeline,
     concept: Concept,
     *,
-    C: float = 0.01,
+    C: float | None = None,
     batch_size: int = 32,
     progress: bool = False,
     encode_kwargs: dict[str, Any] | None = None,
@@ -140,7 +140,7 @@ def calibrate_cgce(
     detector = fit_detector(unsafe.numpy(), safe.numpy(), phrases.numpy(), tau=float(hp["tau"]), C=C)
     probs = detector.predict_proba(np.concatenate([unsafe, safe]).reshape(len(unsafe) + len(safe), -1))[:, 1]
     y = np.r_[np.ones(len(unsafe)), np.zeros(len(safe))]
-    hp.update(seq_len=int(unsafe.shape[1]), embed_dim=int(unsafe.shape[2]),
+    hp.update(seq_len=int(unsafe.shape[1]), embed_dim=int(unsafe.shape[2]), C=float(detector.steps[-1][1].C),
               train_accuracy=float(((probs > hp["threshold"]) == y).mean()))
     return ConceptPack(
         concept=concept, method="cgce", fingerprint=fingerprint_pipeline(pipe),
