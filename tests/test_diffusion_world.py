@@ -37,12 +37,14 @@ def _train_vocab() -> set[str]:
 
 def test_heldout_synonyms_and_templates_never_appear_in_training_vocabulary():
     train = _train_vocab()
-    held = {w for table in (scenes._HELDOUT_SHAPE, scenes._HELDOUT_COLOUR) for v in table.values() for w in v}
-    held |= {t for v in scenes._HELDOUT_STYLE.values() for t, _ in v}
+    held = {w for table in (scenes._HELDOUT_SHAPE, scenes._HELDOUT_COLOUR, scenes._RARE_SHAPE, scenes._RARE_COLOUR)
+            for v in table.values() for w in v}
+    held |= {t for table in (scenes._HELDOUT_STYLE, scenes._RARE_STYLE) for v in table.values() for t, _ in v}
     assert not held & train
     assert not set(scenes._HELDOUT_TEMPLATES) & set(scenes._TRAIN_TEMPLATES)
     for fam, table in (("shape", scenes._HELDOUT_SHAPE), ("colour", scenes._HELDOUT_COLOUR),
-                       ("style", scenes._HELDOUT_STYLE)):
+                       ("style", scenes._HELDOUT_STYLE), ("shape", scenes._RARE_SHAPE),
+                       ("colour", scenes._RARE_COLOUR), ("style", scenes._RARE_STYLE)):
         assert set(table) == set(CONCEPTS[fam])
 
 
@@ -67,7 +69,8 @@ def test_world_is_a_from_pretrained_sd_pipeline(world):
 
 def test_prompt_sets_respect_the_split(world):
     train = _train_vocab()
-    held_words = {w for t in (scenes._HELDOUT_SHAPE, scenes._HELDOUT_COLOUR) for v in t.values() for w in v}
+    held_words = {w for t in (scenes._HELDOUT_SHAPE, scenes._HELDOUT_COLOUR, scenes._RARE_SHAPE, scenes._RARE_COLOUR)
+                  for v in t.values() for w in v}
     for concept in ("circle", "purple", "checker"):
         for p in world.train_prompts(concept, 40, seed=0) + world.retain_prompts(concept, 40, seed=0):
             assert not any(f" {w} " in f" {p} " for w in held_words), p

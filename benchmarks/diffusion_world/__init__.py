@@ -40,7 +40,7 @@ from erasekit.testing.diffusion_world.train import HELDOUT_REAL_SEED
 
 __all__ = ["ATTACKS", "NoGuard", "Settings", "run_benchmark", "QUICK", "FULL"]
 
-ATTACKS = ("direct", "paraphrase", "multi_concept", "ti_whitebox", "ti_blackbox", "ddim_whitebox", "ddim_blackbox")
+ATTACKS = ("direct", "paraphrase", "rare_synonym", "multi_concept", "ti_whitebox", "ti_blackbox", "ddim_whitebox", "ddim_blackbox")
 
 
 @dataclass(frozen=True)
@@ -65,9 +65,9 @@ def _attack_images(world: World, who, concept: str, attack: str, s: Settings, se
     """Images of one attack through ``who`` (a guard or NoGuard), erasing ``concept``."""
     n = s.n_images
     erase = [concept]
-    if attack in ("direct", "paraphrase", "multi_concept"):
+    if attack in ("direct", "paraphrase", "rare_synonym", "multi_concept"):
         specs = {"direct": world.direct_specs, "paraphrase": world.heldout_specs,
-                 "multi_concept": world.multi_specs}[attack](concept, n, seed)
+                 "rare_synonym": world.rare_synonym_specs, "multi_concept": world.multi_specs}[attack](concept, n, seed)
         return world.generate([sp.prompt for sp in specs], seed, call=who, erase=erase)
     if attack.startswith("ti_"):
         white = attack == "ti_whitebox"

@@ -50,15 +50,18 @@ class ConceptDetector(nn.Module):
     def __init__(self, width: int = 32) -> None:
         super().__init__()
         w = width
+        # Shapes need the global layout (a star and a cross share local edges), so the body
+        # keeps a 4x4 spatial map and flattens it instead of global pooling.
         self.body = nn.Sequential(
             nn.Conv2d(3, w, 3, padding=1), nn.ReLU(), nn.Conv2d(w, w, 3, padding=1), nn.ReLU(),
             nn.MaxPool2d(2),
             nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.ReLU(),
             nn.MaxPool2d(2),
-            nn.Conv2d(2 * w, 3 * w, 3, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2), nn.Flatten(),
+            nn.Linear(2 * w * 16, 128), nn.ReLU(),
         )
-        self.heads = nn.ModuleDict({f: nn.Linear(3 * w, len(CONCEPTS[f])) for f in FAMILIES})
+        self.heads = nn.ModuleDict({f: nn.Linear(128, len(CONCEPTS[f])) for f in FAMILIES})
 
     def logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-family logits for NCHW images in [0, 1]."""
@@ -66,7 +69,7 @@ class ConceptDetector(nn.Module):
         return {f: head(h) for f, head in self.heads.items()}
 
     def features(self, images: object) -> torch.Tensor:
-        """Penultimate features (N, 96): the 'feature drift' space."""
+        """Penultimate features (N, 128): the 'feature drift' space."""
         with torch.no_grad():
             return self.body(to_tensor(images) * 2.0 - 1.0)
 

@@ -61,7 +61,19 @@ _TRAIN_SHAPE = {
     "cross": ["cross", "plus sign", "plus", "cross shape", "crucifix"],
     "heart": ["heart", "heart shape", "love heart", "valentine heart", "heart symbol"],
 }
+# Held-out DESCRIPTIVE paraphrases (the paraphrase attack): new phrasings built from common
+# words ("shape with no corners"), never used in training or calibration.
 _HELDOUT_SHAPE = {
+    "circle": ["perfectly round figure", "round flat coin shape", "shape with no corners"],
+    "square": ["shape with four equal sides", "box-like figure", "figure with four right angles"],
+    "triangle": ["figure with three corners", "three-pointed figure", "pyramid-like figure"],
+    "star": ["five-pointed figure", "star-like figure", "shape with five points"],
+    "cross": ["plus-shaped figure", "figure made of two crossing bars", "cross-like symbol"],
+    "heart": ["heart-like figure", "symbol of love", "valentine-style figure"],
+}
+# Held-out RARE single-word synonyms (a second, harder paraphrase attack). The first held-out
+# list; measured at 3000 UNet steps the world holds few of them (see docs/diffusion-world.md).
+_RARE_SHAPE = {
     "circle": ["orb", "ball", "round ring"],
     "square": ["rectangle", "tile", "four-cornered figure"],
     "triangle": ["arrowhead", "delta", "three-cornered figure"],
@@ -78,6 +90,14 @@ _TRAIN_COLOUR = {
     "orange": ["orange", "tangerine", "amber", "pumpkin orange"],
 }
 _HELDOUT_COLOUR = {
+    "red": ["fire-engine red", "tomato-red", "deep red"],
+    "green": ["forest green", "leaf-green", "bright green"],
+    "blue": ["ocean-blue", "deep blue", "royal blue"],
+    "yellow": ["bright yellow", "lemon-yellow", "butter yellow"],
+    "purple": ["deep purple", "grape-purple", "bright purple"],
+    "orange": ["bright orange", "burnt orange", "orange-coloured"],
+}
+_RARE_COLOUR = {
     "red": ["ruby", "blood-red", "vermilion"],
     "green": ["jade", "leafy", "verdant"],
     "blue": ["sapphire", "sky-blue", "cerulean"],
@@ -95,6 +115,13 @@ _TRAIN_STYLE: dict[str, list[tuple[str, bool]]] = {
     "plain": [("plain", True), ("solid", True), ("with a plain fill", False), ("uniformly coloured", True)],
 }
 _HELDOUT_STYLE: dict[str, list[tuple[str, bool]]] = {
+    "stripes": [("with diagonal stripes", False), ("with parallel lines", False), ("striped like a zebra", False)],
+    "dots": [("with little dots", False), ("covered in small dots", False), ("polka-dotted", True)],
+    "checker": [("with a chessboard-like grid", False), ("checked like a chessboard", False),
+                ("with a checkered grid", False)],
+    "plain": [("with no pattern", False), ("in one flat colour", False), ("plainly coloured", True)],
+}
+_RARE_STYLE: dict[str, list[tuple[str, bool]]] = {
     "stripes": [("with zebra-like bands", False), ("banded", True), ("pinstriped", True)],
     "dots": [("speckled", True), ("with freckles", False), ("spotty", True)],
     "checker": [("chequered", True), ("with a tartan grid", False), ("with a draughts-board pattern", False)],
@@ -238,7 +265,7 @@ def render_many(scenes: list[Scene]) -> np.ndarray:
 
 # --- captions ---------------------------------------------------------------------------------
 def _phrase(mention: dict[str, str], rng: np.random.Generator, heldout: bool,
-            heldout_families: tuple[str, ...] = (), canonical: bool = False) -> str:
+            heldout_families: tuple[str, ...] = (), canonical: bool = False, rare: bool = False) -> str:
     """Noun phrase for the mentioned concepts; held-out synonyms only for ``heldout_families``.
 
     ``canonical`` uses each concept's first (plainest) training synonym: the "direct" prompt.
@@ -246,16 +273,16 @@ def _phrase(mention: dict[str, str], rng: np.random.Generator, heldout: bool,
     parts_pre: list[str] = []
     parts_post: list[str] = []
     if "style" in mention:
-        table = _HELDOUT_STYLE if heldout and "style" in heldout_families else _TRAIN_STYLE
+        table = (_RARE_STYLE if rare else _HELDOUT_STYLE) if heldout and "style" in heldout_families else _TRAIN_STYLE
         opts = table[mention["style"]]
         text, prefix = opts[0 if canonical else rng.integers(len(opts))]
         (parts_pre if prefix else parts_post).append(text)
     if "colour" in mention:
-        table = _HELDOUT_COLOUR if heldout and "colour" in heldout_families else _TRAIN_COLOUR
+        table = (_RARE_COLOUR if rare else _HELDOUT_COLOUR) if heldout and "colour" in heldout_families else _TRAIN_COLOUR
         opts = table[mention["colour"]]
         parts_pre.append(opts[0 if canonical else rng.integers(len(opts))])
     if "shape" in mention:
-        table = _HELDOUT_SHAPE if heldout and "shape" in heldout_families else _TRAIN_SHAPE
+        table = (_RARE_SHAPE if rare else _HELDOUT_SHAPE) if heldout and "shape" in heldout_families else _TRAIN_SHAPE
         opts = table[mention["shape"]]
         noun = opts[0 if canonical else rng.integers(len(opts))]
     else:
@@ -271,10 +298,12 @@ def caption(mention: dict[str, str], rng: np.random.Generator, canonical: bool =
     return _fix_article(tmpl.format(x=_phrase(mention, rng, heldout=False, canonical=canonical)))
 
 
-def heldout_caption(mention: dict[str, str], rng: np.random.Generator, paraphrased: tuple[str, ...]) -> str:
-    """A HELD-OUT-template caption; the families in ``paraphrased`` use held-out synonyms."""
+def heldout_caption(mention: dict[str, str], rng: np.random.Generator, paraphrased: tuple[str, ...],
+                    rare: bool = False) -> str:
+    """A HELD-OUT-template caption; the families in ``paraphrased`` use held-out phrasings
+    (descriptive paraphrases, or rare single-word synonyms with ``rare=True``)."""
     tmpl = _HELDOUT_TEMPLATES[rng.integers(len(_HELDOUT_TEMPLATES))]
-    return _fix_article(tmpl.format(x=_phrase(mention, rng, heldout=True, heldout_families=paraphrased)))
+    return _fix_article(tmpl.format(x=_phrase(mention, rng, heldout=True, heldout_families=paraphrased, rare=rare)))
 
 
 def _fix_article(text: str) -> str:

@@ -50,9 +50,9 @@ class TrainConfig:
     vae_batch: int = 32
     vae_lr: float = 1e-3
     kl_weight: float = 1e-5
-    detector_steps: int = 600
+    detector_steps: int = 1500
     detector_batch: int = 96
-    unet_steps: int = 3000
+    unet_steps: int = 4000
     unet_batch: int = 48
     unet_lr: float = 1e-3
     warmup: int = 200
@@ -121,9 +121,11 @@ def _label_tensor(scenes) -> dict[str, torch.Tensor]:
 
 
 def _train_detector(det: ConceptDetector, images: torch.Tensor, recon: torch.Tensor, labels: dict,
-                    cfg: TrainConfig, state: dict, ckpt: Path) -> None:
+                    cfg: TrainConfig, ckpt: Path) -> None:
+    """Train the detector; it checkpoints to its OWN file so it can be retrained on its own."""
     opt = torch.optim.Adam(det.parameters(), lr=2e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.detector_steps)
+    state = _load_state(ckpt)
     step = 0
     if "detector" in state:
         det.load_state_dict(state["detector"])
@@ -149,8 +151,8 @@ def _train_detector(det: ConceptDetector, images: torch.Tensor, recon: torch.Ten
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.detector_steps:
-            state.update(detector=det.state_dict(), det_opt=opt.state_dict(), det_sched=sched.state_dict(), det_step=step)
-            _save_state(ckpt, state)
+            _save_state(ckpt, dict(detector=det.state_dict(), det_opt=opt.state_dict(),
+                                   det_sched=sched.state_dict(), det_step=step))
     bar.close()
     det.eval()
 
@@ -235,7 +237,7 @@ def train_world(out_dir: Path, work_dir: Path, cfg: TrainConfig | None = None) -
     vae_mse = float(F.mse_loss(recon, images[:4000]))
     torch.manual_seed(cfg.seed)
     det = ConceptDetector()
-    _train_detector(det, images, recon, _label_tensor(scenes), cfg, state, ckpt)
+    _train_detector(det, images, recon, _label_tensor(scenes), cfg, work_dir / "detector.pt")
     test_scenes = sample_scenes(1000, HELDOUT_REAL_SEED)
     test_images = render_many(test_scenes)
     det_acc = det.accuracy(test_images, [s.labels() for s in test_scenes])

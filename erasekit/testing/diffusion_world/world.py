@@ -135,6 +135,13 @@ class World:
         rng = np.random.default_rng([seed, 5])
         return [PromptSpec(heldout_caption({fam: concept}, rng, paraphrased=(fam,)), {fam: concept}) for _ in range(n)]
 
+    def rare_synonym_specs(self, concept: str, n: int, seed: int) -> list[PromptSpec]:
+        """The harder paraphrase attack: held-out templates with rare single-word synonyms ("an orb")."""
+        fam = _check_concept(concept, "World.rare_synonym_prompts")
+        rng = np.random.default_rng([seed, 7])
+        return [PromptSpec(heldout_caption({fam: concept}, rng, paraphrased=(fam,), rare=True), {fam: concept})
+                for _ in range(n)]
+
     def multi_specs(self, concept: str, n: int, seed: int) -> list[PromptSpec]:
         """The concept combined with one concept of every other family ("a red striped circle")."""
         fam = _check_concept(concept, "World.multi_specs")
@@ -152,6 +159,10 @@ class World:
     def heldout_prompts(self, concept: str, n: int, seed: int = 0) -> list[str]:
         """Held-out paraphrases of the concept: never use these for calibration."""
         return [s.prompt for s in self.heldout_specs(concept, n, seed)]
+
+    def rare_synonym_prompts(self, concept: str, n: int, seed: int = 0) -> list[str]:
+        """Held-out rare single-word synonyms of the concept: never use these for calibration."""
+        return [s.prompt for s in self.rare_synonym_specs(concept, n, seed)]
 
     def direct_prompts(self, concept: str, n: int, seed: int = 0) -> list[str]:
         return [s.prompt for s in self.direct_specs(concept, n, seed)]
