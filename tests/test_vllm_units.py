@@ -160,7 +160,7 @@ def _fake_runner(lengths, computed, prompt):
 def test_eraser_edits_only_active_rows_with_phase_split():
     # slot 0: decode (1 row); slot 1: prefill of 3 rows; slot 2: mixed chunk (2 prompt + 1 output rows)
     runner = _fake_runner([1, 3, 3], computed=[5, 0, 3], prompt=[4, 3, 5])
-    carrier = SimpleNamespace(slots={1: frozenset({"a"}), 2: frozenset({"a", "p"})}, refused={}, errors=0,
+    carrier = SimpleNamespace(slots={1: frozenset({"a"}), 2: frozenset({"a", "p"})}, refused={}, errors=0, version=0,
                               fail_slots=lambda s: None)
     edits = {"a": AddVector("a", {0: torch.ones(4)}),
              "p": AddVector("p", {0: torch.full((4,), 10.0)}, frozenset({Phase.PREFILL}))}
@@ -182,7 +182,7 @@ def test_eraser_edits_only_active_rows_with_phase_split():
 
 def test_benign_step_writes_nothing():
     runner = _fake_runner([2, 2], computed=[0, 0], prompt=[2, 2])
-    carrier = SimpleNamespace(slots={}, refused={}, errors=0, fail_slots=lambda s: None)
+    carrier = SimpleNamespace(slots={}, refused={}, errors=0, version=0, fail_slots=lambda s: None)
     eraser = EngineEraser(runner, carrier, {"a": AddVector("a", {0: torch.ones(4)})}, [0])
     h, r = torch.randn(4, 4), torch.randn(4, 4)
     h0, r0 = h.clone(), r.clone()
@@ -197,7 +197,7 @@ def test_failing_edit_is_counted_not_raised():
 
     failed = []
     runner = _fake_runner([2], computed=[0], prompt=[2])
-    carrier = SimpleNamespace(slots={0: frozenset({"a"})}, refused={}, errors=0, fail_slots=failed.append)
+    carrier = SimpleNamespace(slots={0: frozenset({"a"})}, refused={}, errors=0, version=0, fail_slots=failed.append)
     eraser = EngineEraser(runner, carrier, {"a": Boom("a", {0: torch.ones(4)})}, [0])
     h, r = torch.randn(2, 4), torch.randn(2, 4)
     torch.ops.erasekit.vllm_edit_(h, r, 0, eraser.key)
@@ -211,7 +211,7 @@ def test_op_survives_torch_compile():
     this test fails if the edit is baked out of the compiled graph.
     """
     runner = _fake_runner([3], computed=[0], prompt=[3])
-    carrier = SimpleNamespace(slots={}, refused={}, errors=0, fail_slots=lambda s: None)
+    carrier = SimpleNamespace(slots={}, refused={}, errors=0, version=0, fail_slots=lambda s: None)
     eraser = EngineEraser(runner, carrier, {"a": AddVector("a", {0: torch.ones(4)})}, [0])
 
     def layer(h, r):
@@ -227,3 +227,21 @@ def test_op_survives_torch_compile():
     assert torch.equal(compiled(h, r), torch.ones(3, 4))  # same compiled graph now edits
     carrier.slots.clear()
     assert torch.equal(compiled(h, r), torch.zeros(3, 4))
+
+
+def test_decode_plan_is_reused_until_the_batch_changes():
+    runner = _fake_runner([1, 1], computed=[5, 5], prompt=[3, 3])  # both decoding
+    carrier = SimpleNamespace(slots={0: frozenset({"a"})}, refused={}, errors=0, version=0, fail_slots=lambda s: None)
+    eraser = EngineEraser(runner, carrier, {"a": AddVector("a", {0: torch.ones(2)})}, [0])
+    h, r = torch.zeros(2, 2), torch.zeros(2, 2)
+    torch.ops.erasekit.vllm_edit_(h, r, 0, eraser.key)
+    first = eraser.plan
+    assert torch.equal(h + r, torch.tensor([[1.0, 1.0], [0.0, 0.0]]))
+    torch.ops.erasekit.vllm_edit_(h, r, 0, eraser.key)
+    assert eraser.plan is first  # steady decode: no rebuild
+    carrier.slots = {1: frozenset({"a"})}  # a batch update moved the concept to slot 1
+    carrier.version += 1
+    h, r = torch.zeros(2, 2), torch.zeros(2, 2)
+    torch.ops.erasekit.vllm_edit_(h, r, 0, eraser.key)
+    assert eraser.plan is not first
+    assert torch.equal(h + r, torch.tensor([[0.0, 0.0], [1.0, 1.0]]))

@@ -143,6 +143,8 @@ class EraseLogitsProcessor(LogitsProcessor):
         self.errors = 0
         self.requests_guarded = 0
         self.device = device
+        #: bumped on every batch change, so the eraser can reuse its row plan between changes
+        self.version = 0
         #: concepts whose packs have a router (set by install(); None = none may be routed out)
         self.routed: frozenset[str] | None = None
 
@@ -161,6 +163,7 @@ class EraseLogitsProcessor(LogitsProcessor):
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         if batch_update is None:
             return
+        self.version += 1
         try:
             for index in batch_update.removed:
                 self.slots.pop(index, None)
@@ -202,6 +205,7 @@ class EraseLogitsProcessor(LogitsProcessor):
     def fail_slots(self, slots: list[int]) -> None:
         """Called by the eraser when an edit failed for these slots this step."""
         self.errors += 1
+        self.version += 1
         if self.policy.on_error == "refuse":
             for index in slots:
                 self.refused.setdefault(index, None)
@@ -248,6 +252,8 @@ class EngineEraser:
         self.plan = _Plan()
         self._plan_key: tuple = ()
         self._plan_device: torch.device | None = None
+        self._signature: tuple | None = None
+        self._all_decode = False
         self.steps_edited = 0
         with _KEY_LOCK:
             self.key = next(_NEXT_KEY)
@@ -261,8 +267,14 @@ class EngineEraser:
         computed = batch.num_computed_tokens_cpu
         prompt_len = batch.num_prompt_tokens
         if num_reqs == 0 or int(qsl[num_reqs]) > num_rows:
-            self._plan_key = ()
+            self._plan_key, self._signature = (), None
             return _Plan()  # dummy/profile run or a layout we do not understand: touch nothing
+        # Fast path: the batch did not change (no add/remove/move since the last plan), the
+        # row layout is the same and every active request was already decoding, so the plan is
+        # still exact (a decoding request never goes back to prefill without a batch update).
+        signature = (self.carrier.version, num_reqs, qsl.tobytes())
+        if signature == self._signature and self._all_decode:
+            return self.plan
         segments: dict[tuple[str, Phase], list[tuple[int, int, int]]] = defaultdict(list)
         for slot, concepts in self.carrier.slots.items():
             if slot >= num_reqs or slot in self.carrier.refused:
@@ -283,6 +295,8 @@ class EngineEraser:
                 for phase, a, b in parts:
                     if phase in edit.phases:
                         segments[(concept, phase)].append((slot, a, b))
+        self._signature = signature
+        self._all_decode = all(p is Phase.DECODE for (_, p) in segments)
         key = tuple(sorted((c, p.value, tuple(sorted(segs, key=lambda x: x[1]))) for (c, p), segs in segments.items()))
         if key == self._plan_key and self._plan_device == device:
             return self.plan  # steady decode: same requests in the same slots, reuse the index tensors
