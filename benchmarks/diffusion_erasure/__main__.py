@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                     "cgce_hyperparameters": cgce_hp, "cgce_tuning_crr": cgce_report["best"]["crr"],
                     "cgce_only_attack_crr": report["cgce_only"]["attack_crr"], "benign_ratio": best["benign_ratio"],
                     "tune_concepts": tune_concepts, "seed": report["seed"], "n_images": report["n_images"],
-                    "command": "python -m benchmarks.diffusion_erasure --tune " + " ".join(argv or sys.argv[1:]),
+                    "command": "python -m benchmarks.diffusion_erasure " + " ".join(argv or sys.argv[1:]),
                 }, indent=2) + "\n")
             if args.skip_eval:
                 return 0
