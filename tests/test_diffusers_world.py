@@ -7,9 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from erasekit.guardrails.concept import Concept
 from erasekit.integrations.diffusers import guard
-from erasekit.integrations.diffusers_calibrate import calibrate_cgce, calibrate_irece
 
 pytestmark = pytest.mark.slow
 CONCEPT = "red"
@@ -30,11 +28,14 @@ def world():
 
 @pytest.fixture(scope="module")
 def packs(world):
-    from benchmarks.diffusion_erasure import tuned_irece_hyperparameters
+    from benchmarks.diffusion_erasure import (
+        calibrate_packs,
+        tuned_cgce_hyperparameters,
+        tuned_irece_hyperparameters,
+    )
 
-    c = Concept(CONCEPT, forget=world.train_prompts(CONCEPT, 200, 1), retain=world.retain_prompts(CONCEPT, 200, 1),
-                keywords=[CONCEPT])
-    return calibrate_cgce(world.pipe, c), calibrate_irece(world.pipe, c, **tuned_irece_hyperparameters())
+    p = calibrate_packs(world, [CONCEPT], 300, tuned_irece_hyperparameters(), cgce_hp=tuned_cgce_hyperparameters())
+    return p[CONCEPT]["cgce"], p[CONCEPT]["irece"]
 
 
 def _rate(world, images) -> float:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 DEMO_CONCEPTS = ("red", "circle")
-CALIBRATION_PROMPTS = 200
+CALIBRATION_PROMPTS = 300
 
 
 def _grid(rows: list[tuple[str, list[tuple[str, np.ndarray, str]]]], path: Path) -> None:
@@ -42,33 +42,29 @@ def _grid(rows: list[tuple[str, list[tuple[str, np.ndarray, str]]]], path: Path)
 def run(report) -> None:  # noqa: ANN001 - DemoReport
     import torch
 
+    from benchmarks.diffusion_erasure import (
+        calibrate_packs,
+        quiet_libraries,
+        tuned_cgce_hyperparameters,
+        tuned_irece_hyperparameters,
+    )
     from benchmarks.diffusion_world import NoGuard
     from benchmarks.diffusion_world.attacks import ddim_invert
-    from erasekit.guardrails.concept import Concept
     from erasekit.integrations.diffusers import guard
-    from erasekit.integrations.diffusers_calibrate import calibrate_cgce, calibrate_irece
     from erasekit.testing.diffusion_world import load_world
-
-    try:
-        from benchmarks.diffusion_erasure import quiet_libraries, tuned_irece_hyperparameters
-    except ImportError:  # installed without the source checkout
-        import contextlib
-
-        quiet_libraries, tuned_irece_hyperparameters = contextlib.nullcontext, dict
 
     torch.set_num_threads(1)
     with quiet_libraries():
         world = load_world(os.environ.get("ERASEKIT_DIFFUSION_WORLD"))  # default: the committed world
         world.pipe.set_progress_bar_config(disable=True)
-        irece_hp = tuned_irece_hyperparameters()
+        irece_hp, cgce_hp = tuned_irece_hyperparameters(), tuned_cgce_hyperparameters()
         report.say(f"World: {type(world.pipe).__name__}, {world.num_inference_steps} DDIM steps, "
-                   f"{world.height}x{world.width} images; IRECE hyperparameters {irece_hp or 'defaults'}.")
+                   f"{world.height}x{world.width} images; tuned CGCE {cgce_hp or 'defaults'}, "
+                   f"IRECE {irece_hp or 'defaults'} (benchmarks/diffusion_erasure/irece_tuned.json).")
+        packs = calibrate_packs(world, list(DEMO_CONCEPTS), CALIBRATION_PROMPTS, irece_hp, cgce_hp=cgce_hp)
         rows = []
         for concept in DEMO_CONCEPTS:
-            c = Concept(concept, forget=world.train_prompts(concept, CALIBRATION_PROMPTS, 1),
-                        retain=world.retain_prompts(concept, CALIBRATION_PROMPTS, 1), keywords=[concept])
-            cg = calibrate_cgce(world.pipe, c)
-            ir = calibrate_irece(world.pipe, c, **irece_hp)
+            cg, ir = packs[concept]["cgce"], packs[concept]["irece"]
             fam = world.family(concept)
             direct = world.direct_prompts(concept, 1, 11)[0]
             para = world.heldout_prompts(concept, 1, 11)[0]
