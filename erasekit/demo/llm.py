@@ -56,7 +56,8 @@ def run(report) -> None:  # noqa: ANN001 - DemoReport, imported lazily by the de
                       keywords=["Harry Potter", "Hogwarts", "Voldemort"], target="I don't know.")
     start = time.perf_counter()
     pack = calibrate(model, concept, "kif", tokenizer=tok, progress=False,
-                     hyperparameters={"prompt_template": FEW_SHOT, "router": True, "suppression": 1.5})
+                     hyperparameters={"prompt_template": FEW_SHOT, "router": True, "refusal_strength": 1.0,
+                                      "refusal_units": "residual_norm"})
     out_dir = report.out_dir / "packs" / "smollm2-harry_potter"
     pack.save_pretrained(out_dir)
     report.say(f"Calibrated KIF pack for `harry_potter` on SmolLM2-135M-Instruct from {len(FORGET)} forget + "

@@ -229,6 +229,10 @@ def validate_pack(pack: Any, where: str) -> None:
         if not isinstance(value, int | float) or isinstance(value, bool) or not lo <= value <= hi or not math.isfinite(value):
             raise PackError(where, f"hyperparameters.{key}", f"must be a number in [{lo}, {hi}], got {value!r}",
                             f"set {key} (default {DEFAULT_HYPERPARAMETERS[key]})")
+    if hp.get("refusal_strength") and not bool(t["refusal"].any()):
+        raise PackError(where, "hyperparameters.refusal_strength",
+                        "refusal steering requested but the pack has no refusal direction (calibrated with 0)",
+                        "re-calibrate with refusal_strength != 0, or set it to 0")
     if hp.get("refusal_units", "absolute") not in ("absolute", "residual_norm"):
         raise PackError(where, "hyperparameters.refusal_units", f"got {hp.get('refusal_units')!r}",
                         'use "absolute" or "residual_norm"')
