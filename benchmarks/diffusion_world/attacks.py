@@ -94,7 +94,7 @@ def learn_embedding(world: World, concept: str, images: np.ndarray, steps: int, 
         noisy = a * lat0[idx] + s * noise
         with token_override(pipe.text_encoder, tok_id, vec), context():
             cond = pipe.encode_prompt([tp.format(PLACEHOLDER) for tp in tmpl], "cpu", 1, False)[0]
-            pred = pipe.unet(noisy, t, cond).sample
+            pred = pipe.unet(noisy, t, encoder_hidden_states=cond).sample
         loss = F.mse_loss(pred.float(), noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -120,6 +120,6 @@ def ddim_invert(world: World, images: np.ndarray, context: Callable[[], contextl
     with torch.no_grad(), context():
         cond = pipe.encode_prompt([prompt] * len(lat), "cpu", 1, False)[0]
         for t in inv.timesteps:
-            eps = pipe.unet(lat, t, cond).sample
+            eps = pipe.unet(lat, t, encoder_hidden_states=cond).sample
             lat = inv.step(eps, t, lat).prev_sample
     return lat
