@@ -509,8 +509,15 @@ def main(argv: list[str] | None = None) -> int:
     commands = [command]
     if args.merge and out.is_file():
         previous = json.loads(out.read_text())
-        run_now = {r["model"] for r in results}
-        results = [r for r in previous["results"] if r["model"] not in run_now] + results
+        merged = []
+        for old in previous["results"]:
+            new = next((r for r in results if (r["model"], r["concept"]) == (old["model"], old["concept"])), None)
+            if new is not None:  # keep the methods not re-run now
+                labels = {m["method"] for m in new["methods"]}
+                old = {**new, "methods": [m for m in old["methods"] if m["method"] not in labels] + new["methods"]}
+            merged.append(old)
+        seen = {(r["model"], r["concept"]) for r in merged}
+        results = merged + [r for r in results if (r["model"], r["concept"]) not in seen]
         commands = [c for c in previous.get("commands", [previous.get("command")]) if c] + commands
     report = {
         "benchmark": "llm_unlearning",

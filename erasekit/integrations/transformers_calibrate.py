@@ -192,7 +192,7 @@ def calibrate(
             # erasure = the same prompts followed by the refusal target as the answer's start
             sets["erasure"] = fmt(list(concept.forget[: int(hp["max_pairs"])]), target)
         elif hp["refusal_strength"]:
-            sets["retain_refuse"] = fmt(concept.retain, target)
+            sets["retain_refuse"] = fmt(list(concept.retain[: int(hp["refusal_prompts"])]), target)
     else:
         add_special = None
         sets = {k: list(v) for k, v in inputs.items()}
@@ -236,7 +236,8 @@ def calibrate(
             refuse = collect_activations(model, tokenizer, sets["retain_refuse"], batch_size=batch_size,
                                          add_special_tokens=add_special, progress=progress,
                                          desc=f"{concept.name}/refusal")["last"][cidx[order]]
-            tensors["refusal"] = refusal_direction(refuse, acts["retain"]["last"][cidx[order]], tensors["directions"])
+            helpful = acts["retain"]["last"][cidx[order]][:, : refuse.shape[1]]  # the same prompts, no suffix
+            tensors["refusal"] = refusal_direction(refuse, helpful, tensors["directions"])
         else:
             tensors["refusal"] = torch.zeros_like(tensors["mean"])
         # typical residual size at the edited layers, so a refusal strength can be set relative to it

@@ -48,6 +48,7 @@ DEFAULT_HYPERPARAMETERS: dict[str, Any] = {
     "center": False,
     "refusal_strength": 0.0,     # 0 = suppression only
     "refusal_units": "absolute",  # or "residual_norm": strength × the layer's mean residual norm
+    "refusal_prompts": 32,       # generic prompts for the refusal direction (the reference uses 32)
     "phases": ["prefill", "decode"],
 }
 
