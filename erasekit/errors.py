@@ -34,3 +34,11 @@ class PackError(ErasekitError):
 
 class PolicyError(ErasekitError):
     """An operator policy file or a per-request toggle is invalid."""
+
+
+class GuardFailure(ErasekitError):
+    """A configured guard could not run for one request (its classifier or router failed).
+
+    Raised only under the policy's ``on_error: refuse`` (the default): the request is refused
+    rather than served unguarded. Other requests are unaffected.
+    """

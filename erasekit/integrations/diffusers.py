@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
+import logging
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -33,11 +34,13 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 from erasekit.classifiers.cgce import CGCEClassifier
 from erasekit.classifiers.twin import refine
-from erasekit.errors import ErasekitError, PackError, PolicyError
+from erasekit.errors import ErasekitError, GuardFailure, PackError, PolicyError
 from erasekit.guardrails.fingerprint import ModelFingerprint, hash_embedding_slice
 from erasekit.guardrails.pack import ConceptPack
 from erasekit.guardrails.policy import Policy, PolicyEntry
 from erasekit.steering import irece as irece_math
+
+logger = logging.getLogger("erasekit.diffusers")
 
 HOOK_NAME = "erasekit_conditioning"
 #: Conditioning tensors remembered per call: a pipeline passes the same tensor at every step,
@@ -272,6 +275,8 @@ class DiffusersGuard:
                 raise ErasekitError("policy", f"concepts.{missing[0]}", "no pack loaded for this concept",
                                     "give the policy entry a pack path or pass the pack in packs=")
         self.policy = policy
+        #: run-time failures per concept (classifier errors), whatever on_error decided
+        self.fault_counts: dict[str, int] = {}
         self._classifiers = {p.name: CGCEClassifier.from_pack(p) for p in loaded if p.method == "cgce"}
         self._irece = {p.name: self._irece_concept(p) for p in loaded if p.method == "irece"}
         self.packs = loaded
@@ -487,7 +492,11 @@ class DiffusersGuard:
                     f"conditioning of shape {list(embeds.shape)} but the {name!r} classifier reads "
                     f"[N, {clf.seq_len}, {clf.embed_dim}]",
                     "pass prompt_embeds made by this pipeline's encode_prompt, or calibrate on this pipeline")
-            scores = torch.from_numpy(clf.scores(embeds)).to(embeds.device)
+            try:
+                scores = torch.from_numpy(clf.scores(embeds)).to(embeds.device)
+            except Exception as exc:  # onnxruntime failures: policy decides (fail closed by default)
+                self._on_fault(name, "classifier", exc)
+                continue
             flagged = (scores > clf.threshold) & state.rows(name, n, embeds.device)
             state.report.scores[name] = scores.tolist()
             state.report.flagged[name] = torch.nonzero(flagged).flatten().tolist()
@@ -506,6 +515,15 @@ class DiffusersGuard:
             state.cache.pop(next(iter(state.cache)))
         state.cache[key] = (embeds, out)
         return out
+
+    def _on_fault(self, concept: str, part: str, exc: BaseException) -> None:
+        """A concept's guard failed at run time: refuse the call, or (``on_error: pass``) count and go on."""
+        self.fault_counts[concept] = self.fault_counts.get(concept, 0) + 1
+        problem = f"the {part} of concept {concept!r} failed ({type(exc).__name__}: {str(exc)[:160]})"
+        if self.policy.on_error == "refuse":
+            raise GuardFailure("guard", concept, problem + "; the call is refused (on_error: refuse)",
+                               "restore the pack's files / runtime, or set on_error: pass to serve unguarded") from exc
+        logger.warning("erasekit: %s; serving this call without it (on_error: pass)", problem)
 
     # -------------------------------------------------------------- IRECE
     def _window_concepts(self, state: _CallState) -> list[_IreceConcept]:

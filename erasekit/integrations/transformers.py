@@ -19,6 +19,7 @@ an edit (hooks return ``None`` = output untouched), so benign outputs are bit-id
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from typing import Any
 
 import torch
 
-from erasekit.errors import ErasekitError, PackError
+from erasekit.errors import ErasekitError, GuardFailure, PackError
 from erasekit.guardrails.pack import ConceptPack
 from erasekit.guardrails.policy import Policy, PolicyEntry
 from erasekit.steering.residual import Phase, ResidualEdit, TokenLayout, edit_from_pack
@@ -35,6 +36,7 @@ from erasekit.steering.router import ConceptRouter
 __all__ = ["TransformersGuard", "find_decoder_layers", "load_packs"]
 
 _GUARD_ATTR = "_erasekit_guard"
+logger = logging.getLogger("erasekit.transformers")
 
 
 # ---------------------------------------------------------------------------- layer discovery
@@ -158,6 +160,8 @@ class TransformersGuard:
         if missing:
             raise ErasekitError("guard", "policy", f"concept {missing[0]!r} has no pack", "load its pack too")
         self.policy = policy
+        #: run-time failures per concept (router errors), whatever on_error decided
+        self.fault_counts: dict[str, int] = {}
         self.layers = find_decoder_layers(model)
         device = _model_device(model)
         self.edits: dict[str, ResidualEdit] = {}
@@ -263,7 +267,7 @@ class TransformersGuard:
                 if texts is None:
                     texts = self._prompt_texts(input_ids, attention_mask)
                 idx = [i for i, f in enumerate(flags) if f]
-                hits = self.routers[name].matches_batch([texts[i] for i in idx])
+                hits = self._route(name, [texts[i] for i in idx])
                 for i, hit in zip(idx, hits, strict=True):
                     flags[i] = hit
             seq_active[name] = flags
@@ -271,6 +275,20 @@ class TransformersGuard:
         device = _model_device(self.model)
         tensors = {n: torch.tensor(f, dtype=torch.bool, device=device) for n, f in seq_active.items() if any(f)}
         return _CallState(seq_active, tensors, any_active)
+
+    def _route(self, name: str, texts: list[str]) -> list[bool]:
+        """Run a concept's router; if it fails, refuse the call or (``on_error: pass``) fall back."""
+        router = self.routers[name]
+        try:
+            return router.matches_batch(texts)
+        except Exception as exc:  # e.g. the router's sentence-embedding model is missing
+            self.fault_counts[name] = self.fault_counts.get(name, 0) + 1
+            problem = f"the router of concept {name!r} failed ({type(exc).__name__}: {str(exc)[:160]})"
+            if self.policy.on_error == "refuse":
+                raise GuardFailure("guard", name, problem + "; the call is refused (on_error: refuse)",
+                                   "restore the router model (ERASEKIT_ROUTER_MODEL) or set on_error: pass") from exc
+            logger.warning("erasekit: %s; falling back to its keywords (on_error: pass)", problem)
+            return [router.keyword_hit(t) for t in texts]
 
     def active_concepts(self, erase: object = None, *, prompts: Sequence[str] | None = None,
                         input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
