@@ -74,15 +74,15 @@ def run(report) -> None:  # noqa: ANN001 - DemoReport
                      ("DDIM latent", [""], {"latents": inverted, "guidance_scale": 1.0})]
             for case, prompts, extra in cases:
                 cells = []
-                for name, packs in (("unguarded", None), ("CGCE", [cg]), ("CGCE+IRECE", [cg, ir])):
-                    if packs is None:
+                for name, plist in (("unguarded", None), ("CGCE", [cg]), ("CGCE+IRECE", [cg, ir])):
+                    if plist is None:
                         img = world.generate(prompts, 5, **extra)
                         base = img
                     else:
-                        with guard(world.pipe, packs) as g:
+                        with guard(world.pipe, plist) as g:
                             img = world.generate(prompts, 5, call=g, erase=[concept], **extra)
                     verdict = world.detector(img)[fam][0]
-                    same = " (identical)" if packs is not None and np.array_equal(img, base) else ""
+                    same = " (identical)" if plist is not None and np.array_equal(img, base) else ""
                     cells.append((name, img[0], f"{fam}: {verdict}{same}"))
                     report.say(f"- {concept} / {case} {prompts[0]!r}: {name} -> detector says {fam}={verdict}{same}")
                 rows.append((f"{concept}\n{case}", cells))
