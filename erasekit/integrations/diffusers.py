@@ -34,7 +34,8 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 from erasekit.classifiers.cgce import CGCEClassifier
 from erasekit.classifiers.twin import refine
-from erasekit.errors import ErasekitError, GuardFailure, PackError, PolicyError
+from erasekit.errors import ErasekitError, PackError, PolicyError
+from erasekit.guardrails.faults import handle_guard_fault
 from erasekit.guardrails.fingerprint import ModelFingerprint, hash_embedding_slice
 from erasekit.guardrails.pack import ConceptPack
 from erasekit.guardrails.policy import Policy, PolicyEntry
@@ -495,7 +496,8 @@ class DiffusersGuard:
             try:
                 scores = torch.from_numpy(clf.scores(embeds)).to(embeds.device)
             except Exception as exc:  # onnxruntime failures: policy decides (fail closed by default)
-                self._on_fault(name, "classifier", exc)
+                handle_guard_fault(self.policy, self.fault_counts, name, "classifier", exc, logger,
+                                   "restore the pack's classifier / onnxruntime", "serving this call without it")
                 continue
             flagged = (scores > clf.threshold) & state.rows(name, n, embeds.device)
             state.report.scores[name] = scores.tolist()
@@ -515,15 +517,6 @@ class DiffusersGuard:
             state.cache.pop(next(iter(state.cache)))
         state.cache[key] = (embeds, out)
         return out
-
-    def _on_fault(self, concept: str, part: str, exc: BaseException) -> None:
-        """A concept's guard failed at run time: refuse the call, or (``on_error: pass``) count and go on."""
-        self.fault_counts[concept] = self.fault_counts.get(concept, 0) + 1
-        problem = f"the {part} of concept {concept!r} failed ({type(exc).__name__}: {str(exc)[:160]})"
-        if self.policy.on_error == "refuse":
-            raise GuardFailure("guard", concept, problem + "; the call is refused (on_error: refuse)",
-                               "restore the pack's files / runtime, or set on_error: pass to serve unguarded") from exc
-        logger.warning("erasekit: %s; serving this call without it (on_error: pass)", problem)
 
     # -------------------------------------------------------------- IRECE
     def _window_concepts(self, state: _CallState) -> list[_IreceConcept]:

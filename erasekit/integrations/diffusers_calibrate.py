@@ -9,7 +9,6 @@ skip, T5 padding, prompt weighting in a subclass) is calibrated on exactly as it
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from erasekit.classifiers import cgce
 from erasekit.classifiers.detector import fit_detector
 from erasekit.classifiers.onnx_export import export_detector
 from erasekit.errors import ErasekitError
+from erasekit.guardrails.cli_inputs import concept_from_args, parse_overrides
 from erasekit.guardrails.concept import Concept
 from erasekit.guardrails.pack import ConceptPack
 from erasekit.integrations.diffusers import (
@@ -252,38 +252,15 @@ def calibrate(pipe: DiffusionPipeline, concept: Concept, method: str = "cgce", *
     raise ErasekitError("calibrate", "method", f"{method!r} is not a diffusion method", "use 'cgce' or 'irece'")
 
 
-def _read_lines(path: str, field: str) -> list[str]:
-    p = Path(path)
-    if not p.is_file():
-        raise ErasekitError("erasekit calibrate", field, f"{path} is not a file", "pass a text file, one prompt per line")
-    return [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _parse_set(items: Sequence[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ErasekitError("--set", item, "expected KEY=VALUE", "e.g. --set eta=1.5")
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
-    return out
-
-
 def calibrate_main(args: argparse.Namespace) -> int:
     """CLI entry: load the pipeline directory, calibrate, save the pack."""
-    concept = Concept(
-        name=args.concept, forget=_read_lines(args.forget, "--forget"), retain=_read_lines(args.retain, "--retain"),
-        target=args.target, keywords=[k.strip() for k in (args.keywords or "").split(",") if k.strip()],
-    )
+    concept = concept_from_args(args)
     if not Path(args.model).is_dir():
         raise ErasekitError("erasekit calibrate", "--model", f"{args.model} is not a directory",
                             "pass a diffusers pipeline directory (pipe.save_pretrained(...))")
     pipe = DiffusionPipeline.from_pretrained(args.model, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    overrides = _parse_set(args.set)
+    overrides = parse_overrides(args.set)
     if args.method == "cgce":
         pack = calibrate_cgce(pipe, concept, progress=True, **overrides)
     else:

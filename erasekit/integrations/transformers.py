@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from erasekit.errors import ErasekitError, GuardFailure, PackError
+from erasekit.errors import ErasekitError, PackError
+from erasekit.guardrails.faults import handle_guard_fault
 from erasekit.guardrails.pack import ConceptPack
 from erasekit.guardrails.policy import Policy, PolicyEntry
 from erasekit.steering.residual import Phase, ResidualEdit, TokenLayout, edit_from_pack
@@ -282,12 +283,8 @@ class TransformersGuard:
         try:
             return router.matches_batch(texts)
         except Exception as exc:  # e.g. the router's sentence-embedding model is missing
-            self.fault_counts[name] = self.fault_counts.get(name, 0) + 1
-            problem = f"the router of concept {name!r} failed ({type(exc).__name__}: {str(exc)[:160]})"
-            if self.policy.on_error == "refuse":
-                raise GuardFailure("guard", name, problem + "; the call is refused (on_error: refuse)",
-                                   "restore the router model (ERASEKIT_ROUTER_MODEL) or set on_error: pass") from exc
-            logger.warning("erasekit: %s; falling back to its keywords (on_error: pass)", problem)
+            handle_guard_fault(self.policy, self.fault_counts, name, "router", exc, logger,
+                               "restore the router model (ERASEKIT_ROUTER_MODEL)", "falling back to its keywords")
             return [router.keyword_hit(t) for t in texts]
 
     def active_concepts(self, erase: object = None, *, prompts: Sequence[str] | None = None,

@@ -13,7 +13,6 @@ Multimodal models take pre-processed examples instead of text (``inputs=``).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from erasekit.errors import ErasekitError
+from erasekit.guardrails.cli_inputs import concept_from_args, parse_overrides
 from erasekit.guardrails.concept import Concept
 from erasekit.guardrails.fingerprint import fingerprint_model
 from erasekit.guardrails.pack import ConceptPack
@@ -265,27 +265,6 @@ def calibrate(
 
 
 # ---------------------------------------------------------------------------- CLI
-def _read_lines(path: str, field: str) -> list[str]:
-    p = Path(path)
-    if not p.is_file():
-        raise ErasekitError(path, None, f"--{field} file does not exist", f"pass a text file with one prompt per line to --{field}")
-    lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
-    return [ln for ln in lines if ln and not ln.startswith("#")]
-
-
-def _parse_sets(items: Sequence[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ErasekitError("--set", item[:60], "expected KEY=VALUE", "e.g. --set strength=-0.3")
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
-    return out
-
-
 def calibrate_main(args: argparse.Namespace) -> int:
     """``erasekit calibrate --method mllmeraser|kif``: load the model, calibrate, save the pack."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -294,14 +273,8 @@ def calibrate_main(args: argparse.Namespace) -> int:
     if not (model_dir / "config.json").is_file():
         raise ErasekitError(str(model_dir), None, "not a transformers model directory (no config.json)",
                             "pass --model DIR of a saved model (save_pretrained)")
-    concept = Concept(
-        name=args.concept,
-        forget=_read_lines(args.forget, "forget"),
-        retain=_read_lines(args.retain, "retain"),
-        target=args.target,
-        keywords=[k.strip() for k in (args.keywords or "").split(",") if k.strip()],
-    )
-    overrides = _parse_sets(args.set)
+    concept = concept_from_args(args)
+    overrides = parse_overrides(args.set)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32).eval()
     start = time.perf_counter()

@@ -1,0 +1,47 @@
+"""What every ``erasekit calibrate --method ...`` reads from the command line, parsed once."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from erasekit.errors import ErasekitError
+from erasekit.guardrails.concept import Concept
+
+
+def read_prompt_file(path: str, option: str) -> list[str]:
+    """Prompts from a text file, one per line; blank lines and ``#`` comments are skipped."""
+    p = Path(path)
+    if not p.is_file():
+        raise ErasekitError(path, None, f"--{option} file does not exist",
+                            f"pass a text file with one prompt per line to --{option}")
+    lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
+    return [ln for ln in lines if ln and not ln.startswith("#")]
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` pairs; VALUE is JSON when it parses as JSON, else a string."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ErasekitError("--set", item[:60], "expected KEY=VALUE", "e.g. --set strength=-0.3")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def concept_from_args(args: argparse.Namespace) -> Concept:
+    """The :class:`Concept` described by ``--concept/--forget/--retain/--keywords/--target``."""
+    return Concept(
+        name=args.concept,
+        forget=read_prompt_file(args.forget, "forget"),
+        retain=read_prompt_file(args.retain, "retain"),
+        target=args.target,
+        keywords=[k.strip() for k in (args.keywords or "").split(",") if k.strip()],
+    )
