@@ -42,8 +42,20 @@ class DemoReport:
         print(f"[image] {caption}: {path}")
 
 
+def _put_benchmarks_on_path() -> None:
+    """Sections reuse the benchmarks' calibration code, which ships with the source checkout."""
+    import sys
+
+    from erasekit.cli import _repo_root
+
+    root = _repo_root()
+    if root is not None and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+
+
 def run_demo(out_dir: Path, sections: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
+    _put_benchmarks_on_path()
     report = DemoReport(out_dir)
     report.lines.append("# erasekit demo report")
     failed = 0

@@ -56,7 +56,7 @@ def run(report) -> None:
     from erasekit.integrations.vllm_testing import free_port
     from erasekit.testing import smollm2_dir
 
-    out: Path = report.out_dir / "vllm"
+    out: Path = (report.out_dir / "vllm").resolve()  # the policy's pack paths must not be relative to cwd
     out.mkdir(parents=True, exist_ok=True)
     model_dir = smollm2_dir()
     report.say(f"Model: SmolLM2-135M-Instruct (real weights, converted offline) at `{model_dir}`.")
