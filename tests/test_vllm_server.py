@@ -6,10 +6,6 @@ One server per module (tiny random Llama; policy: ``guard`` mandatory, ``alpha``
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 
@@ -21,19 +17,6 @@ pytest.importorskip("vllm")
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 PROMPT = "The quick brown fox jumps over"
-
-
-def _env(policy: str) -> dict[str, str]:
-    env = dict(os.environ, ERASEKIT_CONFIG=policy, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               VLLM_CPU_KVCACHE_SPACE="1")
-    return env
-
-
-def _start(model_dir, policy, port, log):
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-           "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "512",
-           "--enforce-eager", "--gpu-memory-utilization", "0.2", "--served-model-name", "tiny"]
-    return subprocess.Popen(cmd, env=_env(str(policy)), stdout=log, stderr=subprocess.STDOUT)
 
 
 def _post(port, path, body):
@@ -54,34 +37,17 @@ def world(tmp_path_factory):
     return write_world(root, concepts={"alpha": {"layers": [1]}, "guard": {"layers": [2], "mandatory": True, "norm": 1.0}})
 
 
+SERVER_ARGS = ("--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--served-model-name", "tiny")
+
+
 @pytest.fixture(scope="module")
 def server(world, tmp_path_factory):
-    from erasekit.integrations.vllm_testing import free_port
+    from erasekit.integrations.vllm_testing import vllm_server
 
-    port = free_port()
     log_path = tmp_path_factory.mktemp("server_log") / "server.log"
-    with open(log_path, "wb") as log:
-        proc = _start(world.model_dir, world.policy_path, port, log)
-        try:
-            deadline = time.time() + 240
-            while time.time() < deadline:
-                if proc.poll() is not None:
-                    pytest.fail("server exited:\n" + log_path.read_text()[-3000:])
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    time.sleep(1)
-            else:
-                pytest.fail("server did not come up:\n" + log_path.read_text()[-3000:])
-            yield port
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    with vllm_server(world.model_dir, world.policy_path, log_path, server_args=SERVER_ARGS,
+                     env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as (base, _):
+        yield int(base.rsplit(":", 1)[1])
 
 
 def _complete(port, xargs=None, prompt=PROMPT):
@@ -155,17 +121,13 @@ def test_chat_completions_accept_toggles(server):
 
 
 def test_server_with_bad_policy_exits_nonzero(world, tmp_path):
-    from erasekit.integrations.vllm_testing import free_port
+    from erasekit.integrations.vllm_testing import vllm_server
 
     bad = tmp_path / "policy.yaml"
     bad.write_text("concepts:\n  alpha: {pack: /nonexistent/pack, mandatory: true}\n")
     log_path = tmp_path / "log.txt"
-    with open(log_path, "wb") as log:
-        proc = _start(world.model_dir, bad, free_port(), log)
-        try:
-            rc = proc.wait(timeout=180)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    assert rc != 0
+    with pytest.raises(RuntimeError, match=r"exited with (?!0\b)-?\d+"):
+        with vllm_server(world.model_dir, bad, log_path, server_args=SERVER_ARGS, env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+                         start_timeout=180):
+            pass
     assert "pack directory does not exist" in log_path.read_text()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import tempfile
 import time
@@ -18,7 +19,6 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.soak.server import vllm_server
 from benchmarks.soak.storm import PROBES, Planned, judge, plan_requests, run_storm, send
 
 MANDATORY, OPTIONAL = "mand", ["alpha", "beta", "gamma"]
@@ -39,10 +39,9 @@ async def _references(base: str, max_tokens: int, toggles: list[str]) -> dict[tu
 
 def run(requests: int, clients: int, max_seconds: float, max_tokens: int, port: int, workdir: Path,
         seed: int = 0) -> dict:
-    from erasekit.integrations.vllm_testing import free_port, write_world
+    from erasekit.integrations.vllm_testing import vllm_server, write_world
     from erasekit.testing import save_tiny_llama
 
-    port = port or free_port()
     # A wider init than the default makes greedy answers robust to batch-composition noise, so
     # a changed answer means a changed computation, not a flipped near-tie.
     model_dir = save_tiny_llama(workdir / "tiny-llama", seed=seed, initializer_range=0.1)
@@ -50,7 +49,10 @@ def run(requests: int, clients: int, max_seconds: float, max_tokens: int, port: 
                         concepts={MANDATORY: {"mandatory": True}, **{c: {} for c in OPTIONAL}})
     result: dict = {"requests_planned": requests, "clients": clients, "max_tokens": max_tokens}
     plans = plan_requests(requests, seed, MANDATORY, OPTIONAL)
-    with vllm_server(world.model_dir, world.policy_path, port, workdir / "server.log") as (base, proc):
+    server_args = ("--max-model-len", "512", "--served-model-name", "model", "--seed", "0")
+    server_env = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
+    with vllm_server(world.model_dir, world.policy_path, workdir / "server.log", server_args=server_args,
+                     env=server_env, port=port) as (base, proc):
         refs = asyncio.run(_references(base, max_tokens, ["", *OPTIONAL]))
         t0 = time.perf_counter()
         outcomes = asyncio.run(run_storm(base, plans, clients, max_tokens, max_seconds))
@@ -60,8 +62,8 @@ def run(requests: int, clients: int, max_seconds: float, max_tokens: int, port: 
         after = asyncio.run(_references(base, max_tokens, [""]))
         result["probes_identical_after_storm"] = sum(after[k] == refs[k] for k in after)
     # The same model without erasekit, to know what a bypass of the mandatory concept would look like.
-    unguarded_policy = workdir / "no-policy"
-    with vllm_server(world.model_dir, unguarded_policy, port, workdir / "server-plain.log", env_drop=True) as (base, _):
+    with vllm_server(world.model_dir, None, workdir / "server-plain.log", server_args=server_args,
+                     env=server_env, port=port) as (base, _):
         plain = asyncio.run(_references(base, max_tokens, [""]))
     unguarded = {p: plain[(p, "")] for p in PROBES}
     result["probes_changed_by_mandatory"] = sum(unguarded[p] != refs[(p, "")] for p in PROBES)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -40,8 +38,8 @@ RETAIN = [
 QUESTION = "Who are Harry Potter's best friends at Hogwarts?"
 
 
-def _post(port: int, body: dict) -> dict:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=json.dumps(body).encode(),
+def _post(base: str, body: dict) -> dict:
+    req = urllib.request.Request(f"{base}/v1/chat/completions", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=120) as resp:
         return json.loads(resp.read())
@@ -53,7 +51,7 @@ def run(report) -> None:
 
     from erasekit import Concept
     from erasekit.integrations.transformers_calibrate import calibrate
-    from erasekit.integrations.vllm_testing import free_port
+    from erasekit.integrations.vllm_testing import vllm_server
     from erasekit.testing import smollm2_dir
 
     out: Path = (report.out_dir / "vllm").resolve()  # the policy's pack paths must not be relative to cwd
@@ -71,42 +69,20 @@ def run(report) -> None:
     policy = out / "policy.json"
     policy.write_text(json.dumps({"version": 1, "on_error": "refuse",
                                   "concepts": {"harry_potter": {"pack": str(pack_dir), "mandatory": False}}}, indent=2))
-    port = free_port()
-    env = dict(os.environ, ERASEKIT_CONFIG=str(policy), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-           "--served-model-name", "smollm2", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-           "--max-model-len", "1024", "--gpu-memory-utilization", "0.2", "--enforce-eager"]
+    server_args = ("--served-model-name", "smollm2", "--dtype", "float32", "--max-model-len", "1024",
+                   "--enforce-eager")
     report.say("Server: `ERASEKIT_CONFIG=policy.json python -m vllm.entrypoints.openai.api_server "
-               f"--model <smollm2> --host 127.0.0.1 --port {port} --dtype float32 --enforce-eager ...`")
-    log_path = out / "server.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            start = time.perf_counter()
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"server exited with {proc.returncode}; see {log_path}")
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                        break
-                except OSError:
-                    if time.perf_counter() - start > 300:
-                        raise RuntimeError(f"server did not start in 300 s; see {log_path}") from None
-                    time.sleep(1)
-            report.say(f"Server up on 127.0.0.1:{port} after {time.perf_counter() - start:.0f} s.")
-            body = {"model": "smollm2", "messages": [{"role": "user", "content": QUESTION}],
-                    "max_tokens": 60, "temperature": 0}
-            plain = _post(port, body)["choices"][0]["message"]["content"]
-            erased = _post(port, {**body, "vllm_xargs": {"erase": "harry_potter"}})["choices"][0]["message"]["content"]
-            report.say(f"\n**Q:** {QUESTION}\n")
-            report.say(f"**untoggled:** {plain.strip()}\n")
-            report.say(f"**`vllm_xargs={{\"erase\": \"harry_potter\"}}`:** {erased.strip()}\n")
-            report.say("The answers differ." if plain != erased else
-                       "The answers are identical: this pack's gate did not change this prompt.")
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+               "--model <smollm2> --host 127.0.0.1 --dtype float32 --enforce-eager ...`")
+    start = time.perf_counter()
+    with vllm_server(model_dir, policy, out / "server.log", server_args=server_args,
+                     env={"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}) as (base, _):
+        report.say(f"Server up on {base} after {time.perf_counter() - start:.0f} s.")
+        body = {"model": "smollm2", "messages": [{"role": "user", "content": QUESTION}],
+                "max_tokens": 60, "temperature": 0}
+        plain = _post(base, body)["choices"][0]["message"]["content"]
+        erased = _post(base, {**body, "vllm_xargs": {"erase": "harry_potter"}})["choices"][0]["message"]["content"]
+        report.say(f"\n**Q:** {QUESTION}\n")
+        report.say(f"**untoggled:** {plain.strip()}\n")
+        report.say(f"**`vllm_xargs={{\"erase\": \"harry_potter\"}}`:** {erased.strip()}\n")
+        report.say("The answers differ." if plain != erased else
+                   "The answers are identical: this pack's gate did not change this prompt.")

