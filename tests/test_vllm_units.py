@@ -245,3 +245,89 @@ def test_decode_plan_is_reused_until_the_batch_changes():
     torch.ops.erasekit.vllm_edit_(h, r, 0, eraser.key)
     assert eraser.plan is not first
     assert torch.equal(h + r, torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
+
+
+# -- the fused per-layer plan must reproduce the one-group-at-a-time semantics bit for bit -----
+def _reference_edit(edits, slots, lengths, computed, prompt, layer, hidden, residual):
+    """The straightforward algorithm: per (concept, phase) in name order, gather that group's
+    rows, edit ``hidden + residual`` with the group's own layout, write back ``(new, 0)``."""
+    from collections import defaultdict
+
+    from erasekit.steering.residual import TokenLayout
+
+    qsl = np.concatenate([[0], np.cumsum(lengths)])
+    groups = defaultdict(list)
+    for slot, concepts in slots.items():
+        start, end = int(qsl[slot]), int(qsl[slot + 1])
+        n_prefill = min(max(prompt[slot] - computed[slot], 0), end - start)
+        parts = [(Phase.PREFILL, start, start + n_prefill), (Phase.DECODE, start + n_prefill, end)]
+        for c in concepts:
+            for phase, a, b in parts:
+                if b > a and phase in edits[c].phases:
+                    groups[(c, phase)].append((a, b))
+    h, r = hidden.clone(), residual.clone()
+    for c, phase in sorted(groups, key=lambda g: (g[0], g[1].value)):
+        if layer not in edits[c].layers:
+            continue
+        segs = sorted(groups[(c, phase)])
+        idx = torch.cat([torch.arange(a, b) for a, b in segs])
+        sub_qsl = torch.tensor([0] + np.cumsum([b - a for a, b in segs]).tolist())
+        new = edits[c].edit(layer, h[idx] + r[idx], TokenLayout.from_query_start_loc(sub_qsl),
+                            torch.ones(len(idx), dtype=torch.bool), phase)
+        h[idx] = new.to(h.dtype)
+        r[idx] = 0
+    return h, r
+
+
+def _method_edits(d, dtype):
+    from erasekit.steering.kif import KIFEdit
+    from erasekit.steering.mllmeraser import MLLMEraserEdit
+
+    g = torch.Generator().manual_seed(0)
+    kif_t = {"mean": torch.randn(2, d, generator=g), "scale": torch.rand(2, d, generator=g) + 0.5,
+             "signature_z": torch.randn(2, d, generator=g), "directions": torch.randn(2, 3, d, generator=g),
+             "gate_mu": torch.zeros(2), "gate_sigma": torch.ones(2), "refusal": torch.randn(2, d, generator=g),
+             "residual_norm": torch.ones(2)}
+    hp = {"suppression": 0.8, "gate_k": 1.6, "gate_tau": -1.0, "center": True, "refusal_strength": 0.5,
+          "phases": ["prefill", "decode"]}
+    return {
+        "a": AddVector("a", {0: torch.randn(d, generator=g).to(dtype), 1: torch.randn(d, generator=g).to(dtype)}),
+        "b": AddVector("b", {1: torch.randn(d, generator=g).to(dtype)}),
+        "k": KIFEdit("k", (0, 1), kif_t, hp),
+        "m": MLLMEraserEdit("m", (0, 1), torch.randn(2, d, generator=g), torch.randn(2, d, generator=g), -0.3),
+        "p": AddVector("p", {0: torch.randn(d, generator=g).to(dtype)}, frozenset({Phase.PREFILL})),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["mixed", "decode_half", "decode_all", "long_prefill"])
+def test_fused_layer_plan_equals_group_by_group(case, dtype):
+    d = 16
+    if case == "mixed":  # prefill, decode and a mixed chunk (recompute after preemption) side by side
+        lengths, computed, prompt = [1, 3, 3, 1, 2], [5, 0, 3, 7, 0], [4, 3, 5, 2, 2]
+        slots = {0: frozenset("ak"), 1: frozenset("ap"), 2: frozenset("abkmp"), 4: frozenset("bm")}
+    elif case == "decode_half":  # the benchmark's pattern: odd slots toggled, some with two concepts
+        lengths, computed, prompt = [1] * 16, [9] * 16, [4] * 16
+        slots = {i: frozenset("a" if i % 4 == 1 else "abk") for i in range(1, 16, 2)}
+    elif case == "decode_all":  # every row toggled: the contiguous in-place path
+        lengths, computed, prompt = [1] * 8, [9] * 8, [4] * 8
+        slots = {i: frozenset("ab" if i % 2 else "abk") for i in range(8)}
+    else:  # long prefill chunks next to a decode row
+        lengths, computed, prompt = [40, 50, 1, 30], [0, 0, 9, 0], [40, 50, 3, 30]
+        slots = {0: frozenset("akm"), 1: frozenset("bp"), 3: frozenset("abkmp")}
+    edits = _method_edits(d, dtype)
+    runner = _fake_runner(lengths, computed, prompt)
+    carrier = SimpleNamespace(slots=slots, refused={}, errors=0, version=0, fail_slots=lambda s: None)
+    eraser = EngineEraser(runner, carrier, edits, [0, 1])
+    n = sum(lengths) + 3  # padding rows after the real ones
+    g = torch.Generator().manual_seed(1)
+    hidden, residual = torch.randn(n, d, generator=g).to(dtype), torch.randn(n, d, generator=g).to(dtype)
+    h, r = hidden.clone(), residual.clone()
+    want_h, want_r = hidden, residual
+    for layer in (0, 1):
+        torch.ops.erasekit.vllm_edit_(h, r, layer, eraser.key)
+        want_h, want_r = _reference_edit(edits, slots, lengths, computed, prompt, layer, want_h, want_r)
+        assert torch.equal(h, want_h) and torch.equal(r, want_r), f"layer {layer}"
+    assert eraser.steps_edited == 1 and carrier.errors == 0
+    edited = set(np.flatnonzero((want_h != hidden).any(1).numpy()).tolist())
+    assert edited and not edited & set(range(sum(lengths), n))  # something was edited, never padding

@@ -184,6 +184,23 @@ def calibrate_packs_in_subprocess(job: dict) -> dict[str, str]:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def worker_erasekit_state(worker: object) -> dict:
+    """The erasekit runtime state of one vLLM worker, for ``LLM.collective_rpc`` in tests.
+
+    Returns the eraser's counters plus the carrier's live per-slot tables (``slots``: batch slot
+    -> active concepts, ``refused``), or ``{}`` when erasekit is not installed in that worker.
+    A callable reaches the worker only with ``VLLM_ALLOW_INSECURE_SERIALIZATION=1`` set before
+    the engine starts (test-only; never set it on a server).
+    """
+    runner = getattr(worker, "model_runner", None)
+    eraser = getattr(runner, "_erasekit_eraser", None)
+    if eraser is None:
+        return {}
+    carrier = eraser.carrier
+    return {**eraser.stats(), "slots": {int(k): sorted(v) for k, v in carrier.slots.items()},
+            "refused": {int(k): v for k, v in carrier.refused.items()}}
+
+
 if __name__ == "__main__":
     import sys
 

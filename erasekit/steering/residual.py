@@ -104,6 +104,14 @@ class ResidualEdit(ABC):
         """Move calibrated tensors; subclasses with tensors override this."""
         return self
 
+    def constant_delta(self, layer: int) -> torch.Tensor | None:
+        """``v`` if :meth:`edit` at ``layer`` is exactly ``hidden + v`` on the active rows for a
+        ``v`` (``[d]``, hidden's dtype) that depends on nothing else — not the hidden state, the
+        layout or the phase — else ``None`` (the default). Adapters may then add ``v`` to the
+        active rows in place (one tensor op) instead of calling :meth:`edit`; the rows must come
+        out bit-identical to what :meth:`edit` returns."""
+        return None
+
 
 def masked_add(hidden: torch.Tensor, rows: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """``hidden + delta`` on ``rows`` only; other rows come back bit-identical."""
@@ -122,6 +130,10 @@ class AddVector(ResidualEdit):
 
     def edit(self, layer, hidden, layout, rows, phase):  # noqa: D102 - documented on the base class
         return masked_add(hidden, rows, self.vectors[layer])
+
+    def constant_delta(self, layer):  # noqa: D102 - documented on the base class
+        # Only when edit() is this class's own (a subclass overriding edit may do anything).
+        return self.vectors[layer] if type(self).edit is AddVector.edit else None
 
     def to(self, device, dtype=None):
         return AddVector(self.concept, {k: v.to(device, dtype or v.dtype) for k, v in self.vectors.items()}, self.phases)
