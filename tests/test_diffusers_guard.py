@@ -125,6 +125,58 @@ def test_irece_perturbs_only_toggled_rows_and_chains_user_callback(pipe, packs, 
     assert not torch.equal(out[0], baseline[0]) and torch.equal(out[1], baseline[1])
 
 
+def _with(pack: ConceptPack, **hp) -> ConceptPack:
+    import dataclasses
+
+    new = dataclasses.replace(pack, hyperparameters={**pack.hyperparameters, **hp}, source=None)
+    new.validate()
+    return new
+
+
+@pytest.mark.parametrize("cut, strength, changed", [("mask", 0.0, True), ("image", 0.0, True), ("none", 0.0, False),
+                                                    ("none", 0.9, True)])
+def test_irece_cut_and_renoise_act_only_on_latched_rows(pipe, packs, baseline, cut, strength, changed):
+    pack = _with(packs[1], cut=cut, strength=strength, decide_start=0.0, decide_end=0.5)  # latch at step 0
+    with guard(pipe, [pack]) as g:
+        out = g([RED, BLUE], generator=_gen(), erase=[["red"], []], **KW).images
+        assert g.last_report.irece_latched["red"] == [0]
+    assert torch.equal(out[1], baseline[1])  # the row that does not erase red is untouched
+    assert torch.equal(out[0], baseline[0]) != changed
+
+
+def test_irece_calibrated_gate_stays_off_for_unlatched_images(pipe, packs, baseline):
+    pack = _with(packs[1], threshold=None, gate_fpr=0.0)
+    impossible = dataclasses_replace_tensor(pack, "gate_threshold", torch.full_like(pack.tensors["gate_threshold"], 1e9))
+    with guard(pipe, [impossible]) as g:
+        out = g([RED, BLUE], generator=_gen(), erase=["red"], **KW).images
+        assert g.last_report.irece_latched.get("red", []) == []
+        assert g.last_report.irece_gate["red"]  # the gate was evaluated ...
+    assert torch.equal(out, baseline)  # ... and, not firing, left every image bit-identical
+
+
+def dataclasses_replace_tensor(pack: ConceptPack, name: str, value: torch.Tensor) -> ConceptPack:
+    import dataclasses
+
+    return dataclasses.replace(pack, tensors={**pack.tensors, name: value}, source=None)
+
+
+def test_folded_probe_matches_the_probe_on_queries(pipe, packs):
+    from erasekit.integrations.diffusers import cross_attention_inputs, cross_attention_queries
+    from erasekit.steering import irece
+
+    with guard(pipe, [packs[1]]) as g:
+        concept = g._irece["red"]
+        name = sorted(concept.layers)[0]
+        attn = dict(pipe.unet.named_modules())[name.removesuffix(".processor")]
+        hidden = torch.randn(4, 16, attn.to_q.in_features)
+        folded, shift = concept.fold(name, attn)
+        for t in range(folded.shape[0]):
+            direct = irece.probe_logits(cross_attention_queries(attn, hidden, 2), concept.probes[name][t],
+                                        torch.zeros(1))
+            torch.testing.assert_close(cross_attention_inputs(attn, hidden, 2) @ folded[t] + shift[t], direct,
+                                       rtol=1e-4, atol=1e-4)
+
+
 def test_mandatory_concepts_always_on_and_cannot_be_disabled(pipe, packs, baseline):
     with guard(pipe, [packs[0]], mandatory=["red"]) as g:
         out = g([RED, BLUE], generator=_gen(), **KW).images

@@ -38,12 +38,35 @@ def test_maps_to_latent_and_mask():
     hot = torch.full((2, 4, 4), -1.0)
     hot[0] = 3.0  # image 0 is confidently the concept ...
     hot[0, :2] = 5.0  # ... most of all in its top half
-    mask, gate = irece.build_mask(hot, 0.5, dilate=0)
-    assert gate.tolist() == [True, False]
+    latched = torch.tensor([True, False])
+    mask = irece.build_mask(hot, latched, dilate=0)
     assert mask.shape == (2, 1, 4, 4)
-    assert mask[0, 0, :2].all() and not mask[0, 0, 2:].any() and not mask[1].any()
-    dilated, _ = irece.build_mask(hot, 0.5, dilate=1)
+    assert mask[0, 0, :2].all() and not mask[0, 0, 2:].any() and not mask[1].any()  # only latched images
+    dilated = irece.build_mask(hot, latched, dilate=1)
     assert dilated.sum() > mask.sum() and not dilated[1].any()
+    whole = irece.build_mask(hot, latched, dilate=0, mode="image")
+    assert whole[0].all() and not whole[1].any()
+
+
+def test_step_probes_and_gate_thresholds_hold_the_false_positive_rate():
+    rng = np.random.default_rng(1)
+    direction = rng.normal(size=(3, 6))  # a different concept direction per step
+    pos = rng.normal(size=(100, 3, 6)) + direction
+    neg = rng.normal(size=(100, 3, 6)) - direction
+    weight, bias = irece.fit_step_probes(np.r_[pos, neg], np.r_[np.ones(100), np.zeros(100)])
+    assert weight.shape == (3, 6) and bias.shape == (3,)
+    assert all(np.corrcoef(weight[t], direction[t])[0, 1] > 0.9 for t in range(3))
+    held = rng.normal(size=(400, 3, 6)) - direction
+    logits = np.einsum("nsf,sf->ns", held, weight) + bias
+    thr = irece.gate_thresholds(logits, 0.05, 0, 3)
+    fired = (logits > thr).any(1)
+    assert fired.mean() <= 0.05 + 1e-9 and fired.mean() > 0  # the quantile, over the whole window
+    strict = irece.gate_thresholds(logits, 0.0, 0, 3)  # fpr * N < 1: above every held-out negative
+    assert not (logits > strict).any()
+    fresh = np.einsum("nsf,sf->ns", rng.normal(size=(400, 3, 6)) + direction, weight) + bias
+    assert (fresh > thr).any(1).mean() > 0.9  # and the concept still fires
+    assert [irece.calibration_step(s, 10, 20) for s in (0, 9)] == [0, 19]
+    assert irece.calibration_step(0, 1, 20) == 0
 
 
 def test_perturb_changes_only_masked_latents():

@@ -111,33 +111,55 @@ def cross_attention_processors(pipe: DiffusionPipeline) -> list[str]:
     return sorted(n for n in procs if n.endswith("attn2.processor"))
 
 
-def cross_attention_queries(attn: Any, hidden: torch.Tensor, images: int = 0) -> torch.Tensor:
-    """The queries ``[B, positions, C]`` a cross-attention module computes from ``hidden``.
-
-    Under CFG (``hidden`` has ``2 * images`` rows, ``[uncond, cond]``) only the conditional rows
-    are kept: those are the ones that draw what the prompt asks for.
-    """
+def cross_attention_inputs(attn: Any, hidden: torch.Tensor, images: int = 0) -> torch.Tensor:
+    """What a cross-attention module feeds ``to_q`` (``[B, positions, C]``), conditional rows only under CFG."""
     h = hidden[images:] if images and hidden.shape[0] == 2 * images else hidden
     if h.ndim == 4:
         b, c, hh, ww = h.shape
         h = h.view(b, c, hh * ww).transpose(1, 2)
     if getattr(attn, "group_norm", None) is not None:
         h = attn.group_norm(h.transpose(1, 2)).transpose(1, 2)
-    return attn.to_q(h)
+    return h
+
+
+def cross_attention_queries(attn: Any, hidden: torch.Tensor, images: int = 0) -> torch.Tensor:
+    """The queries ``[B, positions, C]`` a cross-attention module computes from ``hidden``.
+
+    Under CFG (``hidden`` has ``2 * images`` rows, ``[uncond, cond]``) only the conditional rows
+    are kept: those are the ones that draw what the prompt asks for.
+    """
+    return attn.to_q(cross_attention_inputs(attn, hidden, images))
 
 
 # ---------------------------------------------------------------------------- per-call state
-@dataclass
+@dataclass(eq=False)  # hashed by identity (plan keys)
 class _IreceConcept:
     name: str
-    probes: dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer -> (weight [C], bias [1]) in query space
+    probes: dict[str, torch.Tensor]  # layer -> per-step weight [S, C] in query space
+    bias: torch.Tensor  # [S]
+    gate_threshold: torch.Tensor  # [S] logit thresholds (calibrated), or from ``threshold``
     layers: frozenset[str]
-    threshold: float
+    decide: tuple[float, float]
     strength: float
     start: float
     end: float
+    cut: str
+    cut_end: float
+    mask_mode: str
     dilate: int
     seed: int
+    folded: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> (W_q^T w, b_q.w)
+
+    def fold(self, name: str, attn: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The probe moved before ``to_q`` (linear): logits = hidden . (W_q^T w) + b_q . w, no query needed."""
+        hit = self.folded.get(name)
+        if hit is None:
+            weight = self.probes[name].to(attn.to_q.weight.device, torch.float32)  # [S, C_out]
+            folded = weight @ attn.to_q.weight.detach().float()  # [S, C_in]
+            qb = attn.to_q.bias
+            shift = weight @ qb.detach().float() if qb is not None else torch.zeros(weight.shape[0])
+            hit = self.folded[name] = (folded, shift.to(folded.device))
+        return hit
 
 
 @dataclass
@@ -148,7 +170,8 @@ class CallReport:
     scores: dict[str, list[float]] = field(default_factory=dict)  # concept -> P(concept) per row
     refine_steps: int = 0
     irece_masked_fraction: dict[str, list[float]] = field(default_factory=dict)  # concept -> per step
-    irece_gate: dict[str, list[list[float]]] = field(default_factory=dict)  # concept -> per step, P(concept) per image
+    irece_gate: dict[str, list[list[float]]] = field(default_factory=dict)  # concept -> per decision step, logit margin
+    irece_latched: dict[str, list[int]] = field(default_factory=dict)  # concept -> images the gate latched
 
 
 class _CallState:
@@ -164,7 +187,10 @@ class _CallState:
         self.report = CallReport()
         self.step = 0
         self.num_steps: int | None = None
-        self.maps: dict[str, list[torch.Tensor]] = {}
+        self.maps: dict[str, list[torch.Tensor]] = {}  # concept -> this step's per-layer position logits
+        self.latched: dict[str, torch.Tensor] = {}  # concept -> bool [images]: the concept is forming there
+        self.masks: dict[str, torch.Tensor] = {}  # concept -> bool [images, 1, H, W] for the cut
+        self.plan: tuple[int, dict] | None = None  # (step, IRECE plan) cached for the step's layers
 
     def active(self) -> frozenset[str]:
         if self.broadcast is not None:
@@ -208,7 +234,12 @@ class _ConditioningHook(ModelHook):
 
 
 class _CaptureProcessor:
-    """Wraps a cross-attention processor: returns its output untouched, records IRECE maps when asked."""
+    """Wraps a cross-attention processor: scores positions for IRECE when asked, cuts the text where latched.
+
+    Its output is the inner processor's, untouched, unless an IRECE concept latched an image of
+    this call: then, at that image's masked positions, the conditional branch's output is replaced
+    by the unconditional branch's (the prompt -- or a learned embedding in it -- stops drawing there).
+    """
 
     # diffusers filters cross_attention_kwargs by this signature; keep it explicit.
 
@@ -222,8 +253,16 @@ class _CaptureProcessor:
                  **kwargs: Any) -> torch.Tensor:
         out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         state = self.guard._current()
-        if state is not None and encoder_hidden_states is not None and self.guard._capturing(state):
-            self.guard._capture(state, self.name, attn, hidden_states, encoder_hidden_states)
+        if state is None or encoder_hidden_states is None or state.per_prompt is None:
+            return out
+        plan = self.guard._irece_plan(state)
+        for concept, (score, cut) in plan.items():
+            if self.name not in concept.layers:
+                continue
+            if score:
+                self.guard._capture(state, concept, self.name, attn, hidden_states)
+            if cut:
+                out = self.guard._cut(state, concept, out)
         return out
 
 
@@ -349,11 +388,17 @@ class DiffusersGuard:
     def _irece_concept(self, pack: ConceptPack) -> _IreceConcept:
         hp = pack.hyperparameters
         device = next(denoiser_of(self.pipe).parameters()).device
-        probes = {name: (pack.tensors[f"probe_weight.{i}"].to(device), pack.tensors[f"probe_bias.{i}"].to(device))
-                  for i, name in enumerate(hp["layers"])}
-        return _IreceConcept(pack.name, probes, frozenset(probes), float(hp["threshold"]),
-                             float(hp["strength"]), float(hp["start"]), float(hp["end"]), int(hp["dilate"]),
-                             int(hp["seed"]))
+        probes = {name: pack.tensors[f"probe_weight.{i}"].to(device) for i, name in enumerate(hp["layers"])}
+        bias = pack.tensors["probe_bias"].to(device)
+        if hp.get("threshold") is None:
+            gate = pack.tensors["gate_threshold"].to(device)
+        else:  # a probability instead of the calibrated thresholds
+            p = min(max(float(hp["threshold"]), 1e-12), 1 - 1e-12)
+            gate = torch.full_like(bias, float(torch.logit(torch.tensor(p, dtype=torch.float64))))
+        return _IreceConcept(pack.name, probes, bias, gate, frozenset(probes),
+                             (float(hp["decide_start"]), float(hp["decide_end"])), float(hp["strength"]),
+                             float(hp["start"]), float(hp["end"]), str(hp["cut"]), float(hp["cut_end"]),
+                             str(hp["mask"]), int(hp["dilate"]), int(hp["seed"]))
 
     # -------------------------------------------------------------- attach / detach
     def attach(self) -> DiffusersGuard:
@@ -519,22 +564,53 @@ class DiffusersGuard:
         return out
 
     # -------------------------------------------------------------- IRECE
-    def _window_concepts(self, state: _CallState) -> list[_IreceConcept]:
-        num = state.num_steps or getattr(self.pipe, "_num_timesteps", None) or 0
-        return [c for n, c in self._irece.items() if n in state.active()
-                and num and irece_math.in_window(state.step, num, c.start, c.end)]
+    def _num_steps(self, state: _CallState) -> int:
+        return int(state.num_steps or getattr(self.pipe, "_num_timesteps", None) or 0)
 
-    def _capturing(self, state: _CallState) -> bool:
-        return bool(self._irece) and state.per_prompt is not None and bool(self._window_concepts(state))
+    def _irece_plan(self, state: _CallState) -> dict[_IreceConcept, tuple[bool, bool]]:
+        """Per active IRECE concept, for this step: (score positions?, cut the text at the mask?)."""
+        if state.plan is not None and state.plan[0] == state.step:
+            return state.plan[1]
+        plan: dict[_IreceConcept, tuple[bool, bool]] = {}
+        num = self._num_steps(state)
+        if self._irece and num:
+            for name in sorted(state.active() & set(self._irece)):
+                c = self._irece[name]
+                latched = state.latched.get(name)
+                any_latched = latched is not None and bool(latched.any())
+                deciding = irece_math.in_window(state.step, num, *c.decide)
+                cut = any_latched and c.cut != "none" and state.step < c.cut_end * num and name in state.masks
+                renoise = any_latched and c.strength > 0 and irece_math.in_window(state.step, num, c.start, c.end)
+                score = deciding or (any_latched and c.mask_mode == "above_mean" and (cut or renoise))
+                if score or cut:
+                    plan[c] = (score, cut)
+        state.plan = (state.step, plan)
+        return plan
 
-    def _capture(self, state: _CallState, name: str, attn: Any, hidden: torch.Tensor, context: torch.Tensor) -> None:
+    def _images(self, state: _CallState) -> int:
+        return len(state.per_prompt or ()) * state.images_per_prompt
+
+    def _capture(self, state: _CallState, concept: _IreceConcept, name: str, attn: Any, hidden: torch.Tensor) -> None:
+        """Per-position concept logits of this layer (bias excluded) with the folded per-step probe."""
         with torch.no_grad():
-            images = len(state.per_prompt or ()) * state.images_per_prompt
-            query = cross_attention_queries(attn, hidden, images)
-            for concept in self._window_concepts(state):
-                if name in concept.layers:
-                    weight, bias = concept.probes[name]
-                    state.maps.setdefault(concept.name, []).append(irece_math.probe_logits(query, weight, bias))
+            h = cross_attention_inputs(attn, hidden, self._images(state))
+            folded, shift = concept.fold(name, attn)
+            t = irece_math.calibration_step(state.step, self._num_steps(state), folded.shape[0])
+            state.maps.setdefault(concept.name, []).append(h.float() @ folded[t] + shift[t])
+
+    def _cut(self, state: _CallState, concept: _IreceConcept, out: torch.Tensor) -> torch.Tensor:
+        images = self._images(state)
+        mask = state.masks.get(concept.name)
+        if mask is None or out.ndim != 3 or out.shape[0] != 2 * images or mask.shape[0] != images:
+            return out  # no unconditional branch (guidance 1): the latent perturbation acts alone
+        height, width = mask.shape[-2:]
+        ratio = (height * width / out.shape[1]) ** 0.5
+        h, w = round(height / ratio), round(width / ratio)
+        if h * w != out.shape[1]:
+            return out
+        m = torch.nn.functional.adaptive_max_pool2d(mask.float(), (h, w)).flatten(1)[..., None] > 0
+        uncond, cond = out[:images], out[images:]
+        return torch.cat([uncond, torch.where(m.to(out.device), uncond, cond)])
 
     def _with_irece_callback(self, state: _CallState, kwargs: dict) -> dict:
         from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
@@ -557,24 +633,45 @@ class DiffusersGuard:
         return {**kwargs, "callback_on_step_end": on_step_end, "callback_on_step_end_tensor_inputs": inputs}
 
     def _irece_step(self, state: _CallState, step: int, latents: torch.Tensor) -> torch.Tensor:
-        concepts = self._window_concepts(state)
+        num = self._num_steps(state)
         maps, state.maps = state.maps, {}
-        state.step = step + 1
+        state.step, state.plan = step + 1, None
         out = latents
-        for concept in concepts:
-            captured = maps.get(concept.name)
-            if not captured or latents.ndim != 4:
+        if latents.ndim != 4 or not num:
+            return out
+        b = latents.shape[0]
+        for name in sorted(state.active() & set(self._irece)):
+            c = self._irece[name]
+            rows = state.rows(name, b, latents.device)
+            latched = state.latched.get(name, torch.zeros(b, dtype=torch.bool, device=latents.device))
+            t = irece_math.calibration_step(step, num, c.bias.shape[0])
+            captured = [m[-b:] for m in maps.get(name, ())]  # under CFG the batch is [uncond, cond]
+            logits = None
+            if captured:
+                image_logit = sum(m.mean(1) for m in captured) + c.bias[t]
+                if irece_math.in_window(step, num, *c.decide):
+                    margin = image_logit - c.gate_threshold[t]
+                    state.report.irece_gate.setdefault(name, []).append(margin.tolist())
+                    latched = latched | ((margin > 0) & rows)
+                    state.latched[name] = latched
+                    state.report.irece_latched[name] = torch.nonzero(latched).flatten().tolist()
+                if c.mask_mode == "above_mean":
+                    logits = irece_math.maps_to_latent(captured, tuple(latents.shape[-2:])) * len(captured)
+            if not bool(latched.any()):
                 continue
-            b = latents.shape[0]
-            cond = [m[-b:] for m in captured]  # under CFG the batch is [uncond, cond]
-            logits = irece_math.maps_to_latent(cond, tuple(latents.shape[-2:]))
-            mask, gate = irece_math.build_mask(logits, concept.threshold, concept.dilate)
-            mask = mask & state.rows(concept.name, b, latents.device)[:, None, None, None]
-            state.report.irece_masked_fraction.setdefault(concept.name, []).append(float(mask.float().mean()))
-            state.report.irece_gate.setdefault(concept.name, []).append(
-                torch.sigmoid(logits.flatten(1).mean(1)).tolist())
-            gen = torch.Generator(device="cpu").manual_seed(concept.seed + 1000003 * step)
-            out = irece_math.perturb_latents(out, mask, concept.strength, gen)
+            if c.mask_mode == "image":
+                mask = irece_math.build_mask(latents[:, 0], latched, 0, "image")
+            elif logits is not None:
+                mask = irece_math.build_mask(logits, latched, c.dilate)
+            else:
+                mask = state.masks.get(name)
+                if mask is None:
+                    continue
+            state.masks[name] = mask
+            if c.strength > 0 and irece_math.in_window(step, num, c.start, c.end):
+                state.report.irece_masked_fraction.setdefault(name, []).append(float(mask.float().mean()))
+                gen = torch.Generator(device="cpu").manual_seed(c.seed + 1000003 * step)
+                out = irece_math.perturb_latents(out, mask, c.strength, gen)
         return out
 
 

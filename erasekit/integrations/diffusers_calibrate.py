@@ -167,7 +167,7 @@ class _QueryRecorder:
 
 def record_queries(
     pipe: DiffusionPipeline, prompts: Sequence[str], layers: Sequence[str], fit_until: float, batch_size: int = 16,
-    progress: bool = False, **call_kwargs: Any,
+    progress: bool = False, seed: int = 0, **call_kwargs: Any,
 ) -> dict[str, torch.Tensor]:
     """Mean cross-attention query per (prompt, step) for the first ``fit_until`` of the schedule.
 
@@ -185,7 +185,7 @@ def record_queries(
             procs = {n: (_QueryRecorder(p, n, sink, len(batch)) if n in layers else p) for n, p in original.items()}
             denoiser.set_attn_processor(dict(procs))
             with torch.no_grad():
-                pipe(prompt=batch, output_type="latent", generator=torch.Generator().manual_seed(start),
+                pipe(prompt=batch, output_type="latent", generator=torch.Generator().manual_seed(seed + start),
                      **{"num_inference_steps": steps, **call_kwargs})
             for n in layers:
                 calls = sink.get(n, [])[:keep]  # one entry per denoiser call = per step
@@ -200,16 +200,19 @@ def calibrate_irece(
     concept: Concept,
     *,
     n_prompts: int = 48,
+    n_holdout: int | None = None,
     call_kwargs: dict[str, Any] | None = None,
     C: float = 1.0,
     progress: bool = False,
     **hyperparameters: Any,
 ) -> ConceptPack:
-    """An IRECE pack: per-layer concept probes on cross-attention queries, plus mask/perturbation settings.
+    """An IRECE pack: per-step concept probes on cross-attention queries, a calibrated gate, settings.
 
     The pipeline draws ``n_prompts`` forget prompts (label 1) and retain prompts (label 0) with
-    ``call_kwargs`` (use the settings it will be served with); each cross-attention layer's mean
-    query per image and step, over the first 70 % of the schedule, trains a logistic probe.
+    ``call_kwargs`` (use the settings it will be served with); at every step, the layers' mean
+    queries per image (concatenated) train one logistic probe. Then ``n_holdout`` (default
+    ``2 * n_prompts``) further retain generations -- other prompts, other seeds -- set the gate's
+    per-step thresholds so that at most ``gate_fpr`` of them would be latched.
     """
     hp = _apply_overrides(dict(irece.DEFAULTS), hyperparameters, "irece")
     names = cross_attention_processors(pipe)
@@ -224,21 +227,37 @@ def calibrate_irece(
     if len(concept.forget) < 2 or len(concept.retain) < 2:
         raise ErasekitError("Concept", "forget/retain", "IRECE needs at least 2 prompts with and 2 without the concept",
                             "pass a few dozen of each")
+    n_holdout = 2 * n_prompts if n_holdout is None else n_holdout
     forget, retain = list(concept.forget[:n_prompts]), list(concept.retain[:n_prompts])
+    held = list(concept.retain[n_prompts:n_prompts + n_holdout]) or retain  # other prompts where there are any
     kwargs = dict(call_kwargs or {})
-    pos = record_queries(pipe, forget, layers, 0.7, progress=progress, **kwargs)
-    neg = record_queries(pipe, retain, layers, 0.7, progress=progress, **kwargs)
-    tensors: dict[str, torch.Tensor] = {}
-    accuracy = []
-    for i, name in enumerate(layers):
-        x = torch.cat([pos[name], neg[name]]).numpy()
-        y = np.r_[np.ones(len(pos[name])), np.zeros(len(neg[name]))]
-        weight, bias = irece.fit_probe(x, y, C=C)
-        tensors[f"probe_weight.{i}"], tensors[f"probe_bias.{i}"] = weight, bias
-        accuracy.append(float(((x @ weight.numpy() + bias.numpy()[0] > 0) == y).mean()))
+
+    def features(prompts: list[str], seed: int) -> np.ndarray:
+        rec = record_queries(pipe, prompts, layers, 1.0, progress=progress, seed=seed, **kwargs)
+        return torch.cat([rec[n].view(len(prompts), -1, rec[n].shape[-1]) for n in layers], -1).numpy()
+
+    pos, neg = features(forget, 0), features(retain, 0)
+    held_neg = features(held, 1_000_003)  # other seeds than the fit
+    x = np.concatenate([pos, neg])
+    y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+    weight, bias = irece.fit_step_probes(x, y, C=C)  # [S, L*C], [S]
+    steps = weight.shape[0]
+    lo = irece.calibration_step(0, 1, steps) if steps == 1 else int(np.floor(hp["decide_start"] * steps))
+    hi = max(lo + 1, int(np.ceil(hp["decide_end"] * steps)))
+    held_logits = np.einsum("nsf,sf->ns", held_neg, weight) + bias
+    thresholds = irece.gate_thresholds(held_logits, float(hp["gate_fpr"]), lo, hi)
+    train_logits = np.einsum("nsf,sf->ns", x, weight) + bias
+    widths = [int(pos.shape[-1] // len(layers))] * len(layers)
+    tensors: dict[str, torch.Tensor] = {"probe_bias": torch.tensor(bias), "gate_threshold": torch.tensor(thresholds)}
+    for i, w in enumerate(np.split(weight, np.cumsum(widths)[:-1], axis=1)):
+        tensors[f"probe_weight.{i}"] = torch.tensor(np.ascontiguousarray(w), dtype=torch.float32)
     embed_dim = conditioning_dim(pipe) or int(encode_conditioning(pipe, [concept.name], **kwargs).shape[-1])
+    latched_train = (train_logits[:, lo:hi] > thresholds[lo:hi]).any(1)
     hp.update(layers=layers, embed_dim=int(embed_dim), denoiser_sha256=denoiser_sha256(pipe),
-              probe_train_accuracy=[round(a, 4) for a in accuracy])
+              probe_train_accuracy=round(float(((train_logits > 0) == y[:, None]).mean()), 4),
+              gate_train_tpr=round(float(latched_train[y == 1].mean()), 4),
+              gate_train_fpr=round(float(latched_train[y == 0].mean()), 4),
+              gate_holdout_negatives=len(held))
     return ConceptPack(concept=concept, method="irece", fingerprint=fingerprint_pipeline(pipe),
                        tensors=tensors, hyperparameters=hp)
 

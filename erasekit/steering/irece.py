@@ -42,17 +42,58 @@ if TYPE_CHECKING:
 
 METHOD = "irece"
 #: ``layers``: "all" or a list of cross-attention processor names (resolved to names at
-#: calibration); ``threshold``: image-level probe probability above which an image is masked;
-#: ``strength``: re-noise fraction s; ``start``/``end``: step window as fractions of the schedule;
+#: calibration). Gate: one probe per calibration step; an image is *latched* (the concept is
+#: forming in it) at the first step of ``[decide_start, decide_end)`` whose image logit exceeds
+#: that step's threshold -- calibrated on held-out retain generations for a false-positive rate of
+#: ``gate_fpr`` (``threshold``: a probability instead, bypassing calibration; 0.0 latches always).
+#: Perturbation of latched images: masked latents re-noised by fraction ``strength`` in
+#: ``[start, end)``; the cross-attention output of masked positions replaced by the unconditional
+#: branch's (the text stops drawing there) until ``cut_end`` (``cut``: "mask", "image" or "none");
+#: ``mask``: "above_mean" (positions whose concept logit is above the image's mean) or "image";
 #: ``dilate``: mask dilation in latent pixels; ``seed``: noise seed.
 DEFAULTS: dict[str, object] = {
-    "layers": "all", "threshold": 0.5, "strength": 0.5, "start": 0.0, "end": 0.5, "dilate": 1, "seed": 0,
+    "layers": "all", "threshold": None, "gate_fpr": 0.01, "decide_start": 0.2, "decide_end": 0.5,
+    "strength": 0.9, "start": 0.0, "end": 0.5, "cut": "mask", "cut_end": 1.0, "mask": "above_mean",
+    "dilate": 1, "seed": 0,
 }
+CUT_MODES = ("mask", "image", "none")
+MASK_MODES = ("above_mean", "image")
 
 
 def probe_logits(query: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Concept logit per image position, ``query . weight + bias``; [B, Q, C] -> [B, Q]."""
     return query.float() @ weight.float() + bias.float()
+
+
+def calibration_step(step: int, num_steps: int, probe_steps: int) -> int:
+    """The probe (of ``probe_steps`` fitted ones) for denoising step ``step`` of ``num_steps``."""
+    if num_steps <= 1:
+        return 0
+    return min(probe_steps - 1, max(0, round(step * (probe_steps - 1) / (num_steps - 1))))
+
+
+def fit_step_probes(features: np.ndarray, labels: np.ndarray, C: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """One logistic probe per step on mean-pooled queries ``[N, S, F]``; returns weight [S, F], bias [S]."""
+    weights, biases = [], []
+    for t in range(features.shape[1]):
+        w, b = fit_probe(features[:, t], labels, C=C)
+        weights.append(w.numpy())
+        biases.append(float(b[0]))
+    return np.stack(weights), np.asarray(biases, dtype=np.float32)
+
+
+def gate_thresholds(negatives: np.ndarray, fpr: float, lo: int, hi: int) -> np.ndarray:
+    """Per-step logit thresholds from held-out negative image logits ``[N, S]``.
+
+    Each step's logits are standardised by the negatives' mean and std; an image is latched when
+    any step in ``[lo, hi)`` exceeds ``z``, where ``z`` is the ``1 - fpr`` quantile (the maximum
+    when ``fpr * N < 1``) of the negatives' maximum standardised logit over that range -- so the
+    held-out false-positive rate of the whole decision window is at most ``fpr``.
+    """
+    mu, sd = negatives.mean(0), negatives.std(0) + 1e-6
+    score = ((negatives - mu) / sd)[:, lo:max(hi, lo + 1)].max(1)
+    z = float(np.max(score)) if fpr * len(score) < 1 else float(np.quantile(score, 1.0 - fpr))
+    return (mu + z * sd).astype(np.float32)
 
 
 def maps_to_latent(maps: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
@@ -71,20 +112,21 @@ def maps_to_latent(maps: list[torch.Tensor], size: tuple[int, int]) -> torch.Ten
     return (out / len(maps))[:, 0]
 
 
-def build_mask(logits: torch.Tensor, threshold: float, dilate: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask [B, 1, H, W] from per-position concept logits [B, H, W]; also returns the image gate [B].
+def build_mask(logits: torch.Tensor, rows: torch.Tensor, dilate: int, mode: str = "above_mean") -> torch.Tensor:
+    """Mask [B, 1, H, W] over latched ``rows`` [B] from per-position concept logits [B, H, W].
 
-    The probe was fitted on image means, so the mean logit is a calibrated image-level decision:
-    an image is gated in when ``sigmoid(mean logit) > threshold``. Within a gated image, the
-    positions whose logit is above the image's mean are the concept-like ones; they are masked and
-    the mask is dilated by ``dilate`` latent pixels.
+    The per-step probe was fitted on image means, so within an image the positions whose logit is
+    above the image's mean are the concept-like ones (``mode="above_mean"``); ``"image"`` masks
+    the whole latched image. The mask is dilated by ``dilate`` latent pixels.
     """
-    mean = logits.mean(dim=(1, 2), keepdim=True)
-    gate = torch.sigmoid(mean.flatten()) > threshold
-    mask = ((logits > mean) & gate[:, None, None]).float()[:, None]
-    if dilate > 0:
+    if mode == "image":
+        mask = torch.ones_like(logits)[:, None] * rows[:, None, None, None].to(logits.dtype)
+    else:
+        mean = logits.mean(dim=(1, 2), keepdim=True)
+        mask = ((logits > mean) & rows[:, None, None]).float()[:, None]
+    if dilate > 0 and mode != "image":
         mask = F.max_pool2d(mask, kernel_size=2 * dilate + 1, stride=1, padding=dilate)
-    return mask > 0, gate
+    return mask > 0
 
 
 def perturb_latents(
@@ -114,29 +156,40 @@ def _hp_number(hp: dict, key: str, where: str, lo: float, hi: float, integer: bo
 def validate(pack: ConceptPack, where: str) -> None:
     hp = pack.hyperparameters
     _hp_number(hp, "embed_dim", where, 1, 65536, integer=True)
-    _hp_number(hp, "threshold", where, 0.0, 1.0)
-    _hp_number(hp, "strength", where, 0.0, 1.0)
-    _hp_number(hp, "start", where, 0.0, 1.0)
-    _hp_number(hp, "end", where, 0.0, 1.0)
+    if hp.get("threshold") is not None:
+        _hp_number(hp, "threshold", where, 0.0, 1.0)
+    for key in ("gate_fpr", "decide_start", "decide_end", "strength", "start", "end", "cut_end"):
+        _hp_number(hp, key, where, 0.0, 1.0)
     _hp_number(hp, "dilate", where, 0, 16, integer=True)
     _hp_number(hp, "seed", where, 0, 2**63 - 1, integer=True)
-    if hp["start"] >= hp["end"]:
-        raise PackError(where, "hyperparameters.start", f"window start {hp['start']} is not before end {hp['end']}",
-                        "set 0 <= start < end <= 1")
+    for lo, hi in (("start", "end"), ("decide_start", "decide_end")):
+        if hp[lo] >= hp[hi]:
+            raise PackError(where, f"hyperparameters.{lo}", f"window start {hp[lo]} is not before end {hp[hi]}",
+                            f"set 0 <= {lo} < {hi} <= 1")
+    for key, allowed in (("cut", CUT_MODES), ("mask", MASK_MODES)):
+        if hp.get(key) not in allowed:
+            raise PackError(where, f"hyperparameters.{key}", f"must be one of {list(allowed)}, got {hp.get(key)!r}",
+                            f"pass --set {key}={allowed[0]}")
     layers = hp.get("layers")
     if not (isinstance(layers, list) and layers and all(isinstance(x, str) for x in layers)):
         raise PackError(where, "hyperparameters.layers", f"expected a non-empty list of names, got {layers!r}",
                         "re-calibrate; layers name cross-attention processors (keys ending in attn2.processor)")
-    expected = {f"probe_weight.{i}" for i in range(len(layers))} | {f"probe_bias.{i}" for i in range(len(layers))}
+    expected = {f"probe_weight.{i}" for i in range(len(layers))} | {"probe_bias", "gate_threshold"}
     if set(pack.tensors) != expected:
         raise PackError(where, "tensors", f"expected {sorted(expected)}, got {sorted(pack.tensors)}",
                         "re-calibrate the pack with `erasekit calibrate --method irece`")
+    bias = pack.tensors["probe_bias"]
+    if bias.ndim != 1 or bias.shape[0] < 1:
+        raise PackError(where, "tensors.probe_bias", f"shape {list(bias.shape)} is not [steps]", "re-calibrate")
+    steps = bias.shape[0]
+    if list(pack.tensors["gate_threshold"].shape) != [steps]:
+        raise PackError(where, "tensors.gate_threshold", f"shape {list(pack.tensors['gate_threshold'].shape)} is "
+                        f"not [{steps}]", "re-calibrate")
     for i in range(len(layers)):
-        w, b = pack.tensors[f"probe_weight.{i}"], pack.tensors[f"probe_bias.{i}"]
-        if w.ndim != 1 or w.shape[0] < 1:
-            raise PackError(where, f"tensors.probe_weight.{i}", f"shape {list(w.shape)} is not [C]", "re-calibrate")
-        if list(b.shape) != [1]:
-            raise PackError(where, f"tensors.probe_bias.{i}", f"shape {list(b.shape)} is not [1]", "re-calibrate")
+        w = pack.tensors[f"probe_weight.{i}"]
+        if w.ndim != 2 or w.shape[0] != steps or w.shape[1] < 1:
+            raise PackError(where, f"tensors.probe_weight.{i}", f"shape {list(w.shape)} is not [{steps}, C]",
+                            "re-calibrate")
 
 
 def fit_probe(features: np.ndarray, labels: np.ndarray, C: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
