@@ -118,3 +118,75 @@ def test_missing_classifier_and_bad_onnx_are_refused(fitted):
     pack.classifier_onnx = b"not onnx"
     with pytest.raises(PackError, match="onnxruntime cannot load"):
         cgce.CGCEClassifier.from_pack(pack)
+
+
+def test_attention_only_detector_still_exports_and_agrees(fitted):
+    _, _, concept, safe, unsafe = fitted
+    detector = fit_detector(unsafe, safe, concept, flat=False)
+    x = np.concatenate([unsafe[:5], safe[:5]])
+    p_sk = detector.predict_proba(x.reshape(len(x), -1))[:, 1]
+    p_onnx = OnnxDetector(export_detector(detector), T, D).predict_proba(x)
+    twin = TorchTwin.from_detector(detector)
+    assert not twin.flat and twin.weight.shape[0] == 2 * D + 1
+    np.testing.assert_allclose(p_onnx, p_sk, atol=1e-5)
+    np.testing.assert_allclose(torch.sigmoid(twin.logits(torch.from_numpy(x))).numpy(), p_sk, atol=1e-5)
+
+
+def test_flat_detector_reads_every_token(fitted):
+    detector, *_ = fitted
+    twin = TorchTwin.from_detector(detector)
+    assert twin.flat and twin.weight.shape[0] == 2 * D + 1 + T * D
+
+
+def test_refine_reaches_a_far_logit_target_in_few_steps(fitted):
+    detector, _, _, _, unsafe = fitted
+    twin = TorchTwin.from_detector(detector)
+    x = torch.from_numpy(unsafe[:6])
+    z0 = twin.logits(x)
+    goal = float(z0.min()) - 3 * float(z0.max() - z0.min()) - 5.0  # well past every safe prompt
+    result = refine(x, [twin], torch.ones(1, 6, dtype=torch.bool), etas=[1.0], max_steps=20, target_logits=[goal])
+    assert (twin.logits(result.embeds) <= goal + 1e-2).all()
+    assert result.steps <= 10  # Gauss-Newton steps, not a fixed learning rate
+
+
+def test_refine_two_classifiers_each_under_its_own_target(fitted):
+    _, _, concept, safe, unsafe = fitted
+    rng = np.random.default_rng(5)
+    other = rng.normal(size=(2, D)).astype(np.float32)
+    unsafe2 = safe.copy()
+    unsafe2[:, 6:8] += 2 * other
+    twins = [TorchTwin.from_detector(fit_detector(unsafe, safe, concept, C=0.1)),
+             TorchTwin.from_detector(fit_detector(unsafe2, safe, other, C=0.1))]
+    x = torch.from_numpy(np.concatenate([unsafe[:3], unsafe2[:3], safe[:2]]))
+    rows = torch.tensor([[1, 1, 1, 0, 0, 0, 0, 0], [0, 0, 0, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    rows[1, 0] = True  # row 0 is erased for both concepts
+    result = refine(x, twins, rows, etas=[1.0, 1.0], max_steps=20, target_logits=[-4.0, -4.0])
+    for c, tw in enumerate(twins):
+        assert (tw.logits(result.embeds)[rows[c]] <= -4.0 + 1e-2).all()
+    assert torch.equal(result.embeds[6:], x[6:])
+
+
+def test_refine_under_inference_mode_matches_no_grad(fitted):
+    detector, _, _, _, unsafe = fitted
+    twin = TorchTwin.from_detector(detector)
+    x = torch.from_numpy(unsafe[:2])
+    rows = torch.ones(1, 2, dtype=torch.bool)
+    with torch.no_grad():
+        a = refine(x, [twin], rows, etas=[1.0], max_steps=5, target_logits=[-3.0]).embeds
+    with torch.inference_mode():
+        b = refine(x.clone(), [twin], rows.clone(), etas=[1.0], max_steps=5, target_logits=[-3.0]).embeds
+    torch.testing.assert_close(a, b.clone())
+
+
+def test_margin_sets_the_refinement_target(fitted):
+    pack = _pack(fitted, safe_logit=-2.0, unsafe_logit=2.0, margin=1.5, target=0.01)
+    clf = cgce.CGCEClassifier.from_pack(pack)
+    assert clf.target_logit == pytest.approx(-2.0 - 1.5 * 4.0)
+    clf = cgce.CGCEClassifier.from_pack(_pack(fitted, safe_logit=-2.0, unsafe_logit=2.0, margin=0.0, target=0.01))
+    assert clf.target_logit == pytest.approx(np.log(0.01 / 0.99))  # margin off: the probability target
+
+
+def test_features_flag_must_match_the_twin(fitted):
+    with pytest.raises(PackError) as err:
+        _pack(fitted, flat=0).validate()
+    assert err.value.field == "tensors.twin_weight"

@@ -72,9 +72,9 @@ def tuned_irece_hyperparameters() -> dict[str, Any]:
 
 
 def tuned_cgce_hyperparameters() -> dict[str, Any]:
-    """CGCE refinement hyperparameters from the last ``--tune`` run (paper defaults if never tuned)."""
-    if TUNED_PATH.is_file():
-        return json.loads(TUNED_PATH.read_text()).get("cgce_hyperparameters", {})
+    """CGCE refinement hyperparameters from the last ``--tune-cgce`` run (``cgce_tuned.json``), else pack defaults."""
+    if CGCE_TUNED_PATH.is_file():
+        return json.loads(CGCE_TUNED_PATH.read_text())["hyperparameters"]
     return {}
 
 
@@ -86,7 +86,7 @@ def calibrate_packs(world: World, concepts: list[str], n_prompts: int, irece_hp:
     for c in concepts:
         concept = Concept(c, forget=world.train_prompts(c, n_prompts, seed=1),
                           retain=world.retain_prompts(c, n_prompts, seed=1), keywords=[c])
-        path = cache / f"{c}-cgce-{n_prompts}" if cache else None
+        path = cache / f"{c}-cgce-v2-{n_prompts}" if cache else None  # v2: flat features + margin logits
         if path is not None and path.is_dir():
             cg = ConceptPack.from_pretrained(path)
         else:
@@ -113,33 +113,71 @@ def with_hyperparameters(pack: ConceptPack, **hp: Any) -> ConceptPack:
 
 
 # ---------------------------------------------------------------------------- CGCE tuning
-CGCE_GRID = {"target": [0.01, 1e-4], "eta": [1.0, 30.0], "max_steps": [100, 200]}
+CGCE_TUNED_PATH = Path(__file__).resolve().parent / "cgce_tuned.json"
+#: CGCE refinement: Gauss-Newton steps onto the safety-margin target (see erasekit.classifiers.cgce).
+CGCE_GRID = {"margin": [0.5, 1.0, 1.5, 2.0, 3.0], "target": [0.01], "eta": [1.0], "max_steps": [20]}
 
 
 def tune_cgce(world: World, packs: dict[str, dict[str, ConceptPack]], n: int, seed: int = 100,
               progress: bool = True) -> dict[str, Any]:
-    """Pick the refinement target/step size on TRAINING-vocabulary prompts of the tuning concepts.
+    """Pick the refinement margin on TRAINING-vocabulary prompts of the tuning concepts.
 
-    Scored by CRR on direct and multi-concept prompts (tuning seeds); ties go to the gentler
-    setting (higher target, smaller step). Paraphrases are never used here.
+    Scored by CRR on direct and multi-concept prompts (tuning seeds), among settings whose refined
+    multi-concept images keep the OTHER families' detector agreement >= 95 % of unguarded; ties go
+    to the gentler setting (smaller margin). Paraphrases are never used here.
     """
     from tqdm.auto import tqdm
 
     rows = []
-    configs = [dict(target=t, eta=e, max_steps=m)
-               for t, e, m in itertools.product(CGCE_GRID["target"], CGCE_GRID["eta"], CGCE_GRID["max_steps"])]
-    prompts = {c: world.direct_prompts(c, n, seed) + [s.prompt for s in world.multi_specs(c, n, seed)] for c in packs}
-    base = {c: float(world.detector.finds(world.generate(prompts[c], seed), c, world.family(c)).float().mean())
-            for c in packs}
+    keys = list(CGCE_GRID)
+    configs = [dict(zip(keys, values, strict=True)) for values in itertools.product(*CGCE_GRID.values())]
+    specs = {c: world.direct_specs(c, n, seed) + world.multi_specs(c, n, seed) for c in packs}
+
+    def score(c: str, imgs: np.ndarray) -> tuple[float, float]:
+        fam = world.family(c)
+        others = tuple(f for f in ("shape", "colour", "style") if f != fam)
+        agree = world.agreement(specs[c][n:], imgs[n:], families=others)
+        return float(world.detector.finds(imgs, c, fam).float().mean()), float(np.mean(list(agree.values())))
+
+    base = {c: score(c, world.generate([s.prompt for s in specs[c]], seed)) for c in packs}
+    base_acc = float(np.mean([v[1] for v in base.values()]))
     for hp in tqdm(configs, desc="CGCE grid", disable=not progress):
         per = {}
         for c, p in packs.items():
             with guard(world.pipe, [with_hyperparameters(p["cgce"], **hp)]) as g:
-                imgs = world.generate(prompts[c], seed, call=g, erase=[c])
-            per[c] = float(world.detector.finds(imgs, c, world.family(c)).float().mean())
-        rows.append({"hyperparameters": hp, "crr": float(np.mean(list(per.values()))), "per_concept": per})
-    best = min(rows, key=lambda r: (r["crr"], -r["hyperparameters"]["target"], r["hyperparameters"]["eta"]))
-    return {"best": best, "unguarded_crr": float(np.mean(list(base.values()))), "grid": rows, "seed": seed, "n": n}
+                per[c] = score(c, world.generate([s.prompt for s in specs[c]], seed, call=g, erase=[c]))
+        rows.append({"hyperparameters": hp, "crr": float(np.mean([v[0] for v in per.values()])),
+                     "other_family_accuracy_ratio": float(np.mean([v[1] for v in per.values()])) / max(base_acc, 1e-9),
+                     "per_concept": per})
+    ok = [r for r in rows if r["other_family_accuracy_ratio"] >= 0.95] or rows
+    best = min(ok, key=lambda r: (r["crr"], r["hyperparameters"]["margin"]))
+    return {"best": best, "unguarded_crr": float(np.mean([v[0] for v in base.values()])),
+            "unguarded_other_family_accuracy": base_acc, "grid": rows, "seed": seed, "n": n}
+
+
+def run_cgce_tuning(world: World, concepts: list[str], n_prompts: int, n_images: int, cache: Path | None,
+                    command: str) -> dict[str, Any]:
+    """``--tune-cgce``: calibrate CGCE packs on the tuning concepts, grid the margin, write ``cgce_tuned.json``."""
+    packs = {}
+    for c in concepts:
+        concept = Concept(c, forget=world.train_prompts(c, n_prompts, seed=1),
+                          retain=world.retain_prompts(c, n_prompts, seed=1), keywords=[c])
+        path = cache / f"{c}-cgce-v2-{n_prompts}" if cache else None
+        if path is not None and path.is_dir():
+            packs[c] = {"cgce": ConceptPack.from_pretrained(path)}
+        else:
+            packs[c] = {"cgce": calibrate_cgce(world.pipe, concept)}
+            if path is not None:
+                packs[c]["cgce"].save_pretrained(path)
+    report = tune_cgce(world, packs, n_images)
+    CGCE_TUNED_PATH.write_text(json.dumps({
+        "hyperparameters": report["best"]["hyperparameters"], "tuning_crr": report["best"]["crr"],
+        "unguarded_crr": report["unguarded_crr"],
+        "other_family_accuracy_ratio": report["best"]["other_family_accuracy_ratio"],
+        "grid": [{k: r[k] for k in ("hyperparameters", "crr", "other_family_accuracy_ratio")} for r in report["grid"]],
+        "tune_concepts": concepts, "seed": report["seed"], "n_images": n_images, "command": command,
+    }, indent=2) + "\n")
+    return report
 
 
 # ---------------------------------------------------------------------------- IRECE tuning

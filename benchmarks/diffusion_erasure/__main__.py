@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tune", action="store_true", help="grid-search IRECE first and write irece_tuned.json")
     p.add_argument("--tune-concepts", default=",".join(de.TUNE_CONCEPTS))
     p.add_argument("--tune-images", type=int, default=6)
+    p.add_argument("--tune-cgce", action="store_true", help="grid the CGCE margin first and write cgce_tuned.json")
     p.add_argument("--calibration-prompts", type=int, default=400)
     p.add_argument("--quick", action="store_true", help="few images/steps (CI smoke)")
     p.add_argument("--skip-eval", action="store_true", help="only tune (with --tune)")
@@ -44,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
         world = load_world(args.world)
         world.pipe.set_progress_bar_config(disable=True)
         cache = out / "packs"
+        if args.tune_cgce:
+            rep = de.run_cgce_tuning(world, args.tune_concepts.split(","), args.calibration_prompts, args.tune_images,
+                                     cache, "python -m benchmarks.diffusion_erasure " + " ".join(argv or sys.argv[1:]))
+            print(f"CGCE tuned: {rep['best']['hyperparameters']} (CRR {rep['unguarded_crr']:.3f} -> {rep['best']['crr']:.3f})")
+            if args.skip_eval:
+                return 0
         if args.tune:
             tune_concepts = args.tune_concepts.split(",")
             packs = de.calibrate_packs(world, tune_concepts, args.calibration_prompts, None, cache)

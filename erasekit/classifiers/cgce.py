@@ -6,8 +6,18 @@ twin's folded weights, and the concept embedding the features attend with. Hyper
 
 * ``seq_len``, ``embed_dim``: the conditioning shape the classifier reads (checked at attach);
 * ``tau``: feature temperature; ``threshold``: detection cut on P(concept);
-* ``eta``, ``max_steps``, ``target``: refinement step size (paper default 1.0), step cap and
-  the probability refinement must reach (``<= threshold``).
+* ``eta``, ``max_steps``, ``target``: refinement step size (1.0 = a full Gauss-Newton step onto
+  the target, see :func:`~erasekit.classifiers.twin.refine`), step cap and the probability
+  refinement must at least reach (``<= threshold``);
+* ``margin``, ``safe_logit``, ``unsafe_logit``: the *safety margin*. ``safe_logit`` /
+  ``unsafe_logit`` are the classifier's mean training logits on retain / forget prompts
+  (written by calibration); refinement goes on to ``safe_logit - margin * (unsafe_logit -
+  safe_logit)`` when that is lower than ``target``'s logit: a flagged prompt is moved as far past
+  the typical safe prompt as the typical unsafe prompt sits before it. Measured on the world:
+  stopping just under the decision threshold (or at a fixed small probability) leaves the
+  concept in many images, the margin removes it; ``margin=0`` switches it off;
+* ``flat``: 1 if the features include the whole flattened conditioning (see
+  :mod:`erasekit.classifiers.features`), 0 for the attention-pooled features alone (older packs).
 """
 
 from __future__ import annotations
@@ -30,7 +40,8 @@ if TYPE_CHECKING:
     from erasekit.guardrails.pack import ConceptPack
 
 METHOD = "cgce"
-DEFAULTS: dict[str, float | int] = {"tau": 0.1, "threshold": 0.5, "eta": 1.0, "max_steps": 100, "target": 0.01}
+DEFAULTS: dict[str, float | int] = {"tau": 0.1, "threshold": 0.5, "eta": 1.0, "max_steps": 20, "target": 0.01,
+                                    "margin": 2.0, "flat": 1}
 _TENSORS = ("concept_embedding", "twin_weight", "twin_bias")
 
 
@@ -53,6 +64,12 @@ def validate(pack: ConceptPack, where: str) -> None:
     target = _number(hp, "target", where, 1e-4, 1 - 1e-4)
     _number(hp, "eta", where, 0.0, 1e4)
     _number(hp, "max_steps", where, 0, 10000, integer=True)
+    flat = bool(_number(hp, "flat", where, 0, 1, integer=True)) if "flat" in hp else False
+    if "margin" in hp:
+        _number(hp, "margin", where, 0.0, 100.0)
+    for key in ("safe_logit", "unsafe_logit"):
+        if key in hp:
+            _number(hp, key, where, -1e4, 1e4)
     if target > threshold:
         raise PackError(where, "hyperparameters.target", f"target {target} above threshold {threshold}",
                         "refinement must end under the detection threshold: set target <= threshold")
@@ -64,12 +81,12 @@ def validate(pack: ConceptPack, where: str) -> None:
     if concept.ndim != 2 or concept.shape[1] != dim or concept.shape[0] < 1:
         raise PackError(where, "tensors.concept_embedding", f"shape {list(concept.shape)} is not [K, {dim}]",
                         "re-calibrate the pack")
-    if list(pack.tensors["twin_weight"].shape) != [num_features(dim)]:
+    n_feat = num_features(dim, seq_len, flat)
+    if list(pack.tensors["twin_weight"].shape) != [n_feat]:
         raise PackError(where, "tensors.twin_weight", f"shape {list(pack.tensors['twin_weight'].shape)} is not "
-                        f"[{num_features(dim)}]", "re-calibrate the pack")
+                        f"[{n_feat}] (flat={int(flat)})", "re-calibrate the pack")
     if list(pack.tensors["twin_bias"].shape) != [1]:
         raise PackError(where, "tensors.twin_bias", "must have shape [1]", "re-calibrate the pack")
-    del seq_len
 
 
 register_method(MethodSpec(name=METHOD, family="diffusion", validate=validate, needs_classifier=True))
@@ -88,6 +105,7 @@ class CGCEClassifier:
     target: float
     eta: float
     max_steps: int
+    target_logit: float = float("-inf")  # where refinement stops: min(logit(target), margin target)
 
     @classmethod
     def from_pack(cls, pack: ConceptPack) -> CGCEClassifier:
@@ -99,7 +117,13 @@ class CGCEClassifier:
             weight=pack.tensors["twin_weight"].float(),
             bias=pack.tensors["twin_bias"].float(),
             tau=float(hp["tau"]),
+            flat=bool(hp.get("flat", 0)),
         )
+        target = float(hp["target"])
+        target_logit = float(np.log(target / (1 - target)))
+        if float(hp.get("margin", 0)) > 0 and "safe_logit" in hp and "unsafe_logit" in hp:
+            safe, unsafe = float(hp["safe_logit"]), float(hp["unsafe_logit"])
+            target_logit = min(target_logit, safe - float(hp["margin"]) * max(unsafe - safe, 0.0))
         return cls(
             concept=pack.name,
             detector=OnnxDetector(pack.classifier_onnx or b"", seq_len, dim, where=f"{where}/classifier.onnx"),
@@ -110,6 +134,7 @@ class CGCEClassifier:
             target=float(hp["target"]),
             eta=float(hp["eta"]),
             max_steps=int(hp["max_steps"]),
+            target_logit=target_logit,
         )
 
     def scores(self, embeds: torch.Tensor) -> np.ndarray:

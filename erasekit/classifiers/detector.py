@@ -26,6 +26,7 @@ def fit_detector(
     tau: float = 0.1,
     C: float | None = None,
     standardize: bool = False,
+    flat: bool = True,
     seed: int = 0,
 ) -> Pipeline:
     """Fit the detector on conditioning tensors ``[N, T, D]`` with (unsafe=1) and without (safe=0) the concept.
@@ -34,7 +35,8 @@ def fit_detector(
     (padding positions) huge weights, and the refiner's gradient then points along directions the
     generator ignores (measured on the world: CRR unchanged at 92 %, vs 17-33 % unscaled).
     ``C=None`` picks the strongest regularisation whose 3-fold accuracy is within 0.5 % of the
-    best: a smoother decision direction, which is what the refiner follows.
+    best: a smoother decision direction, which is what the refiner follows. ``flat`` adds the
+    whole flattened conditioning to the features (see :mod:`erasekit.classifiers.features`).
     """
     if unsafe.ndim != 3 or safe.ndim != 3 or unsafe.shape[1:] != safe.shape[1:]:
         raise ValueError(f"unsafe {unsafe.shape} and safe {safe.shape} must both be [N, T, D] with equal T, D")
@@ -43,7 +45,7 @@ def fit_detector(
     y = np.concatenate([np.ones(len(unsafe)), np.zeros(len(safe))]).astype(np.int64)
     def make(c: float) -> Pipeline:
         return Pipeline([
-            ("pool", ConceptAttentionPool(concept=concept, seq_len=t, tau=tau)),
+            ("pool", ConceptAttentionPool(concept=concept, seq_len=t, tau=tau, flat=flat)),
             ("scale", StandardScaler(with_std=standardize)),
             ("clf", LogisticRegression(C=c, max_iter=2000, random_state=seed)),
         ])

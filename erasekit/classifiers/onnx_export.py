@@ -38,7 +38,7 @@ INPUT_NAME = "embeddings"
 def _pool_shape(operator) -> None:  # noqa: ANN001 - skl2onnx callback
     pool = operator.raw_operator
     n = operator.inputs[0].get_first_dimension()
-    operator.outputs[0].type = FloatTensorType([n, num_features(pool.dim_)])
+    operator.outputs[0].type = FloatTensorType([n, num_features(pool.dim_, pool.seq_len, pool.flat)])
 
 
 def _pool_converter(scope, operator, container) -> None:  # noqa: ANN001 - skl2onnx callback
@@ -64,7 +64,8 @@ def _pool_converter(scope, operator, container) -> None:  # noqa: ANN001 - skl2o
     maxcos = OnnxTopK(flat_scores, np.array([1], dtype=np.int64), axis=1, op_version=opv, output_names=None)[0]
     pooled2 = OnnxReshape(pooled, np.array([-1, d], dtype=np.int64), op_version=opv)
     mean2 = OnnxReshape(mean, np.array([-1, d], dtype=np.int64), op_version=opv)
-    out = OnnxConcat(pooled2, mean2, maxcos, axis=1, op_version=opv, output_names=[operator.outputs[0]])
+    parts = [pooled2, mean2, maxcos] + ([x] if pool.flat else [])
+    out = OnnxConcat(*parts, axis=1, op_version=opv, output_names=[operator.outputs[0]])
     out.add_to(scope, container)
 
 

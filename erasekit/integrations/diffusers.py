@@ -551,11 +551,11 @@ class DiffusersGuard:
                 twins.append(clf.twin.to(embeds.device))
                 rows.append(flagged)
                 etas.append(clf.eta)
-                targets.append(clf.target)
+                targets.append(clf.target_logit)
                 steps = max(steps, clf.max_steps)
         out = embeds
         if twins:
-            result = refine(embeds, twins, torch.stack(rows), etas=etas, max_steps=steps, targets=targets)
+            result = refine(embeds, twins, torch.stack(rows), etas=etas, max_steps=steps, target_logits=targets)
             out = result.embeds
             state.report.refine_steps = max(state.report.refine_steps, result.steps)
         if len(state.cache) >= _CACHE_ENTRIES:  # long erasing() blocks (an attacker's training loop)

@@ -137,11 +137,15 @@ def calibrate_cgce(
     unsafe = encode_conditioning(pipe, concept.forget, batch_size, progress, **encode_kwargs)
     safe = encode_conditioning(pipe, concept.retain, batch_size, progress, **encode_kwargs)
     phrases = concept_embedding(pipe, _phrases(concept), **encode_kwargs)
-    detector = fit_detector(unsafe.numpy(), safe.numpy(), phrases.numpy(), tau=float(hp["tau"]), C=C)
-    probs = detector.predict_proba(np.concatenate([unsafe, safe]).reshape(len(unsafe) + len(safe), -1))[:, 1]
+    detector = fit_detector(unsafe.numpy(), safe.numpy(), phrases.numpy(), tau=float(hp["tau"]), C=C,
+                            flat=bool(hp["flat"]))
+    z = detector.decision_function(np.concatenate([unsafe, safe]).reshape(len(unsafe) + len(safe), -1))
     y = np.r_[np.ones(len(unsafe)), np.zeros(len(safe))]
+    probs = 1 / (1 + np.exp(-z))
+    # Class-mean training logits: the scale the refinement's safety margin is measured in.
     hp.update(seq_len=int(unsafe.shape[1]), embed_dim=int(unsafe.shape[2]), C=float(detector.steps[-1][1].C),
-              train_accuracy=float(((probs > hp["threshold"]) == y).mean()))
+              train_accuracy=float(((probs > hp["threshold"]) == y).mean()),
+              safe_logit=float(z[y == 0].mean()), unsafe_logit=float(z[y == 1].mean()))
     return ConceptPack(
         concept=concept, method="cgce", fingerprint=fingerprint_pipeline(pipe),
         tensors=cgce.pack_tensors_from_detector(detector), hyperparameters=hp,
