@@ -200,8 +200,10 @@ def test_failing_edit_is_counted_not_raised():
     carrier = SimpleNamespace(slots={0: frozenset({"a"})}, refused={}, errors=0, version=0, fail_slots=failed.append)
     eraser = EngineEraser(runner, carrier, {"a": Boom("a", {0: torch.ones(4)})}, [0])
     h, r = torch.randn(2, 4), torch.randn(2, 4)
+    stream = h + r
     torch.ops.erasekit.vllm_edit_(h, r, 0, eraser.key)
     assert failed == [[0]]
+    assert torch.equal(h + r, stream)  # the failed rows are left unedited, never half-written
 
 
 def test_op_survives_torch_compile():
@@ -308,12 +310,12 @@ def test_fused_layer_plan_equals_group_by_group(case, dtype):
         slots = {0: frozenset("ak"), 1: frozenset("ap"), 2: frozenset("abkmp"), 4: frozenset("bm")}
     elif case == "decode_half":  # the benchmark's pattern: odd slots toggled, some with two concepts
         lengths, computed, prompt = [1] * 16, [9] * 16, [4] * 16
-        slots = {i: frozenset("a" if i % 4 == 1 else "abk") for i in range(1, 16, 2)}
+        slots = {i: frozenset("ak" if i % 4 == 1 else "abk") for i in range(1, 16, 2)}
     elif case == "decode_all":  # every row toggled: the contiguous in-place path
         lengths, computed, prompt = [1] * 8, [9] * 8, [4] * 8
-        slots = {i: frozenset("ab" if i % 2 else "abk") for i in range(8)}
-    else:  # long prefill chunks next to a decode row
-        lengths, computed, prompt = [40, 50, 1, 30], [0, 0, 9, 0], [40, 50, 3, 30]
+        slots = {i: frozenset("abk" if i % 2 else "ak") for i in range(8)}
+    else:  # long prefill chunks next to a decode row: unions above _SMALL_UNION rows
+        lengths, computed, prompt = [200, 150, 1, 120], [0, 0, 9, 0], [200, 150, 3, 120]
         slots = {0: frozenset("akm"), 1: frozenset("bp"), 3: frozenset("abkmp")}
     edits = _method_edits(d, dtype)
     runner = _fake_runner(lengths, computed, prompt)

@@ -235,11 +235,12 @@ class _Call:
     phase: Phase
     #: positions within the union this call edits; ``None`` = every union row
     local: torch.Tensor | None
-    #: what ``edit`` sees: the union's layout (whole-union calls) or the call's own rows' layout.
-    #: A partial call always sees only its own rows: running it on the whole union with a row
-    #: mask would change matmul shapes, hence rounding (measured: 1 ulp on KIF's projection).
-    layout: TokenLayout
-    rows: torch.Tensor  # [rows edit sees] bool, all True
+    #: what ``edit`` sees: the union's layout (whole-union calls) or the call's own rows' layout;
+    #: None for constant edits. A partial call always sees only its own rows: running it on the
+    #: whole union with a row mask would change matmul shapes, hence rounding (measured: 1 ulp
+    #: on KIF's projection).
+    layout: TokenLayout | None
+    rows: torch.Tensor | None  # [rows edit sees] bool, all True; None for constant edits
     #: ``ResidualEdit.constant_delta`` folded for this plan: ``[d]`` (whole union), ``[n_u, d]``
     #: with zero rows where the concept is off (small unions), or ``[len(local), d]`` (large ones)
     delta: torch.Tensor | None
@@ -364,31 +365,37 @@ class EngineEraser:
         n_u = offset
         small = n_u <= _SMALL_UNION
         contiguous = bool(index[-1] - index[0] + 1 == n_u)
-        union_layout = _layout([b - a for a, b in union], device)
+        union_layout = None  # built only if a call needs it (constant edits do not)
         calls = []
         for concept, phase, segs in wanted:
             edit = self.edits[concept]
             spans = [(pos[(a, b)], pos[(a, b)] + b - a) for _, a, b in segs]
-            local_np = _ranges(spans)
+            n_call = sum(b - a for a, b in spans)
             delta = edit.constant_delta(layer)
-            if local_np.shape[0] == n_u:  # the call covers the whole union
+            if delta is not None:
+                if n_call == n_u:  # every union row: one broadcast add
+                    calls.append(_Call(edit, phase, None, None, None, delta))
+                elif small:  # add [n_u, d] with zero rows where the concept is off: one plain add
+                    mask = np.zeros((n_u, 1), dtype=bool)
+                    for a, b in spans:
+                        mask[a:b] = True
+                    dense = torch.where(torch.from_numpy(mask).to(device), delta,
+                                        torch.zeros((), dtype=delta.dtype, device=device))
+                    calls.append(_Call(edit, phase, None, None, None, dense))
+                else:
+                    local = torch.from_numpy(_ranges(spans)).to(device)
+                    calls.append(_Call(edit, phase, local, None, None, delta.expand(n_call, delta.shape[-1])))
+            elif n_call == n_u:
+                if union_layout is None:
+                    union_layout = _layout([b - a for a, b in union], device)
                 calls.append(_Call(edit, phase, None, union_layout,
-                                   torch.ones(n_u, dtype=torch.bool, device=device), delta))
-                continue
-            local = torch.from_numpy(local_np).to(device)
-            if delta is not None and small:  # add [n_u, d] with zero rows: one plain add per step
-                mask = torch.zeros(n_u, 1, dtype=torch.bool)
-                mask[local_np] = True
-                dense = torch.where(mask.to(device), delta, torch.zeros((), dtype=delta.dtype, device=device))
-                calls.append(_Call(edit, phase, None, union_layout, local, dense))
-            elif delta is not None:
-                calls.append(_Call(edit, phase, local, union_layout, local,
-                                   delta.expand(local_np.shape[0], delta.shape[-1])))
+                                   torch.ones(n_u, dtype=torch.bool, device=device), None))
             else:
-                calls.append(_Call(edit, phase, local, _layout([b - a for a, b in spans], device),
-                                   torch.ones(local_np.shape[0], dtype=torch.bool, device=device), None))
+                calls.append(_Call(edit, phase, torch.from_numpy(_ranges(spans)).to(device),
+                                   _layout([b - a for a, b in spans], device),
+                                   torch.ones(n_call, dtype=torch.bool, device=device), None))
         span = (int(index[0]), int(index[-1]) + 1) if contiguous else None
-        zeros = hidden.new_zeros(n_u, hidden.shape[1]) if small else None
+        zeros = hidden.new_zeros(n_u, hidden.shape[1]) if small and not contiguous else None
         return _LayerPlan(torch.from_numpy(index).to(device), span, calls, zeros, 2 * n_u)
 
     def apply(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor) -> None:
