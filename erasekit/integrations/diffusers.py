@@ -642,10 +642,12 @@ class DiffusersGuard:
         b = latents.shape[0]
         for name in sorted(state.active() & set(self._irece)):
             c = self._irece[name]
+            captured = [m[-b:] for m in maps.get(name, ())]  # under CFG the batch is [uncond, cond]
+            if not captured and name not in state.latched:
+                continue  # nothing scored, nothing latched: the common benign step costs nothing more
             rows = state.rows(name, b, latents.device)
             latched = state.latched.get(name, torch.zeros(b, dtype=torch.bool, device=latents.device))
             t = irece_math.calibration_step(step, num, c.bias.shape[0])
-            captured = [m[-b:] for m in maps.get(name, ())]  # under CFG the batch is [uncond, cond]
             logits = None
             if captured:
                 image_logit = sum(m.mean(1) for m in captured) + c.bias[t]
@@ -653,12 +655,13 @@ class DiffusersGuard:
                     margin = image_logit - c.gate_threshold[t]
                     state.report.irece_gate.setdefault(name, []).append(margin.tolist())
                     latched = latched | ((margin > 0) & rows)
-                    state.latched[name] = latched
-                    state.report.irece_latched[name] = torch.nonzero(latched).flatten().tolist()
-                if c.mask_mode == "above_mean":
-                    logits = irece_math.maps_to_latent(captured, tuple(latents.shape[-2:])) * len(captured)
+                    if bool(latched.any()):
+                        state.latched[name] = latched
+                        state.report.irece_latched[name] = torch.nonzero(latched).flatten().tolist()
             if not bool(latched.any()):
                 continue
+            if captured and c.mask_mode == "above_mean":
+                logits = irece_math.maps_to_latent(captured, tuple(latents.shape[-2:])) * len(captured)
             if c.mask_mode == "image":
                 mask = irece_math.build_mask(latents[:, 0], latched, 0, "image")
             elif logits is not None:

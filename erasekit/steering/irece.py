@@ -10,17 +10,27 @@ obvious signal -- the share of attention image queries give to the concept word'
 was measured on the trained world and does not separate images with the concept from images
 without it (DDIM-inverted red vs green scenes: max share 0.221-0.229 vs 0.230-0.234; the UNet
 reads MiniLM's contextual tokens, where every token carries the whole sentence, so its keys
-barely localise words). So the key is learned instead: a logistic probe ``sigmoid(q . w + b)``
-on each layer's cross-attention *queries*, fitted on the generator's own activations while it
-draws forget prompts (concept) vs retain prompts (no concept). ``w`` is a direction in query
-space, i.e. a key the concept's pixels attend to; it reads the image, so it localises the concept
-whatever carried it in (text, a learned embedding, an inverted latent). Per-layer logits are
-upsampled to latent size and averaged; their image mean gates the image (the probe is fitted on
-image means, so that decision is calibrated), and the above-mean positions form the mask.
+barely localise words). So the key is learned instead: logistic probes on the cross-attention
+*queries*, fitted on the generator's own activations while it draws forget prompts (concept) vs
+retain prompts (no concept) -- one probe per denoising step over all layers' mean queries (what
+a concept looks like at step 2 is not what it looks like at step 15; a single probe for all steps
+gated only 8-25 % of the textual-inversion images that showed the concept). The weights are
+directions in query space, i.e. keys the concept's pixels attend to; they read the image, so they
+see the concept whatever carried it in (text, a learned embedding, an inverted latent). Since
+``to_q`` is linear the probe is folded in front of it (``h . W_q^T w``): no query is recomputed.
 
-Perturbation (our choice): inside a window of denoising steps, masked latents are partially
-re-noised, ``z <- sqrt(1 - s) z + sqrt(s) std(z) eps`` with ``eps`` from a seeded generator, so
-the concept has to re-form from noise while the unmasked image is untouched (bit-identical).
+Gate: an image is *latched* at the first step of a decision window whose image logit (mean over
+positions) exceeds that step's threshold. Thresholds are calibrated on held-out retain
+generations (other prompts, other seeds) so that at most ``gate_fpr`` of them would latch over the
+whole window: images that do not show the concept stay bit-identical.
+
+Perturbation of latched images, under the mask (positions whose logit is above the image mean,
+dilated): (1) the cross-attention output of the conditional branch is replaced by the
+unconditional branch's until ``cut_end`` -- the prompt, or a learned embedding inside it, stops
+drawing there (latent re-noising alone let textual inversion re-draw the concept after the window:
+measured); (2) inside ``[start, end)`` masked latents are partially re-noised,
+``z <- sqrt(1 - s) z + sqrt(s) std(z) eps`` with ``eps`` from a seeded generator (this is what
+undoes an inverted latent, which has no text to cut). Outside the mask nothing changes.
 
 All choices are pack hyperparameters (see ``DEFAULTS``) tuned on the world benchmark.
 """
