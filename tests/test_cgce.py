@@ -190,3 +190,13 @@ def test_features_flag_must_match_the_twin(fitted):
     with pytest.raises(PackError) as err:
         _pack(fitted, flat=0).validate()
     assert err.value.field == "tensors.twin_weight"
+
+
+def test_refine_with_two_identical_classifiers_stays_finite(fitted):
+    detector, _, _, _, unsafe = fitted
+    twin = TorchTwin.from_detector(detector)
+    x = torch.from_numpy(unsafe[:3])
+    rows = torch.ones(2, 3, dtype=torch.bool)
+    result = refine(x, [twin, twin], rows, etas=[1.0, 1.0], max_steps=20, target_logits=[-3.0, -5.0])
+    assert torch.isfinite(result.embeds).all()
+    assert (twin.logits(result.embeds) <= -3.0 + 1e-2).all()

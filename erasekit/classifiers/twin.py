@@ -126,7 +126,11 @@ def refine(
             ]).flatten(2)  # C, N, F  (rows are independent, so d sum / d x_n = d logit_n / d x_n)
             a = active.T.float()  # N, C
             gram = torch.einsum("cnf,dnf->ncd", grads, grads) * a[:, :, None] * a[:, None, :]
-            gram = gram + torch.diag_embed(1 - a) + 1e-12 * torch.eye(n_c, device=x.device)
+            # Inactive classifiers get an identity row (alpha = 0); a small ridge relative to the
+            # diagonal keeps nearly parallel guidance directions (related concepts) from blowing up.
+            # (One classifier: no ridge, the step is exact.)
+            ridge = (1e-4 if n_c > 1 else 0.0) * gram.diagonal(dim1=1, dim2=2).amax(dim=1) + 1e-12  # N
+            gram = gram + torch.diag_embed(1 - a) + ridge[:, None, None] * torch.eye(n_c, device=x.device)
             residual = ((z - goal) * active).T  # N, C
             alpha = torch.linalg.solve(gram, residual[..., None])[..., 0] * eta.T * a  # N, C
             delta = torch.einsum("nc,cnf->nf", alpha, grads)
