@@ -35,7 +35,7 @@ def irece_pack(c, n=48, **hp):
 
 def ti_vec(c, seed, white_pack=None, steps=60, n_img=16):
     f = CACHE / f"ti-{c}-{seed}-{'w' if white_pack is not None else 'b'}.pt"
-    if f.exists(): return torch.load(f)
+    if f.exists(): return torch.load(f, weights_only=True)
     real = W.real_images(c, n_img, seed)
     if white_pack is None:
         v, _ = learn_embedding(W, c, real, steps, seed, lambda: NoGuard(W.pipe).erasing([c]))
@@ -46,7 +46,7 @@ def ti_vec(c, seed, white_pack=None, steps=60, n_img=16):
 
 def ddim_lat(c, seed, n=12):
     f = CACHE / f"ddim-{c}-{seed}.pt"
-    if f.exists(): return torch.load(f)
+    if f.exists(): return torch.load(f, weights_only=True)
     lat = ddim_invert(W, W.real_images(c, n, seed + 1), lambda: NoGuard(W.pipe).erasing([c]))
     torch.save(lat, f); return lat
 

@@ -2,6 +2,8 @@
 """IRECE v2 sweep round 2 on TUNING concepts (seed 100), kept as run; see irece_tuned.json."""
 from common import *
 import itertools
+import json
+from pathlib import Path
 concepts = sys.argv[1].split(","); N = int(sys.argv[2]) if len(sys.argv) > 2 else 8
 SEED = 100
 decides = [(0.2, 0.5), (0.1, 0.5), (0.0, 0.5)]
@@ -37,7 +39,7 @@ for c in concepts:
             with guard(W.pipe, [cg, ir]) as g:
                 res[(c, d, vn)] = evalg(g)
             print("  ", d, vn, res[(c, d, vn)], flush=True)
-import pickle; pickle.dump(res, open(f"/tmp/irece/tune2_{'_'.join(concepts)}.pkl", "wb"))
+Path(f"/tmp/irece/tune2_{'_'.join(concepts)}.json").write_text(json.dumps({" / ".join(map(str, k)): v for k, v in res.items()}, default=str))
 print("SUMMARY")
 for d in decides:
     for vn in variants:
