@@ -333,3 +333,41 @@ def test_fused_layer_plan_equals_group_by_group(case, dtype):
     assert eraser.steps_edited == 1 and carrier.errors == 0
     edited = set(np.flatnonzero((want_h != hidden).any(1).numpy()).tolist())
     assert edited and not edited & set(range(sum(lengths), n))  # something was edited, never padding
+
+
+class _Block(torch.nn.Module):
+    pass
+
+
+class _Stack(torch.nn.Module):
+    def __init__(self, depth: int) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(_Block() for _ in range(depth))
+
+
+class _FakeVLM(torch.nn.Module):
+    """A vision tower and a text model of the same depth, like a small VLM can have."""
+
+    def __init__(self, depth: int) -> None:
+        super().__init__()
+        self.vision_tower = torch.nn.Module()
+        self.vision_tower.encoder = _Stack(depth)
+        self.text_model = torch.nn.Module()
+        self.text_model.model = _Stack(depth)
+
+    def get_language_model(self) -> torch.nn.Module:
+        return self.text_model
+
+
+def test_decoder_layers_of_a_multimodal_model_come_from_its_language_model():
+    from erasekit.integrations.vllm_runtime import find_decoder_layers
+
+    vlm = _FakeVLM(4)
+    name, layers = find_decoder_layers(vlm, 4)
+    assert name == "text_model.model.layers"
+    assert layers is vlm.text_model.model.layers
+    # without the language-model hint the two equal-depth lists are ambiguous: refuse, never guess
+    plain = _FakeVLM(4)
+    plain.get_language_model = None
+    with pytest.raises(Exception, match="cannot find one decoder-layer list"):
+        find_decoder_layers(plain, 4)

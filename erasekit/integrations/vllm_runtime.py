@@ -467,8 +467,23 @@ class EngineEraser:
 
 # ------------------------------------------------------------------------------ install
 def find_decoder_layers(model: torch.nn.Module, num_layers: int) -> tuple[str, torch.nn.ModuleList]:
-    """The model's decoder-layer list: the ModuleList named ``...layers`` of the right length."""
-    candidates = [(name, m) for name, m in model.named_modules()
+    """The model's decoder-layer list: the ModuleList named ``...layers`` of the right length.
+
+    Multimodal models are searched inside their language model (vLLM's
+    ``SupportsMultiModal.get_language_model``), so a vision tower whose block list happens to have
+    the text model's depth can never be hooked instead of the text stack.
+    """
+    root, prefix = model, ""
+    get_lm = getattr(model, "get_language_model", None)
+    if callable(get_lm):
+        try:
+            language_model = get_lm()
+        except Exception:  # not a multimodal model after all (e.g. the interface's default asserts)
+            language_model = None
+        if isinstance(language_model, torch.nn.Module) and language_model is not model:
+            root = language_model
+            prefix = next((n + "." for n, m in model.named_modules() if m is language_model), "")
+    candidates = [(prefix + name, m) for name, m in root.named_modules()
                   if isinstance(m, torch.nn.ModuleList) and name.split(".")[-1] in ("layers", "h")
                   and len(m) == num_layers]
     if len(candidates) != 1:
