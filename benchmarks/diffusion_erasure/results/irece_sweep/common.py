@@ -1,8 +1,10 @@
 # ruff: noqa
-"""IRECE v2 sweep on the TUNING concepts (square, green, checker; seed 100), kept as run; see irece_tuned.json."""
+"""Shared set-up of the IRECE sweep scripts (TUNING concepts only), kept as run; see irece_tuned.json."""
 import os, sys, json, time
 os.environ.setdefault("HF_HUB_OFFLINE", "1"); os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-sys.path.insert(0, "/work/main")
+from pathlib import Path
+REPO = Path(__file__).resolve().parents[4]
+sys.path.insert(0, str(REPO))
 import torch, numpy as np
 torch.set_num_threads(1)
 import warnings; warnings.filterwarnings("ignore")
@@ -18,10 +20,10 @@ from erasekit.testing.diffusion_world import load_world
 import diffusers, transformers
 diffusers.utils.logging.set_verbosity_error(); transformers.utils.logging.set_verbosity_error()
 W = load_world(); W.pipe.set_progress_bar_config(disable=True)
-CACHE = Path("/tmp/irece/cache"); CACHE.mkdir(exist_ok=True)
+CACHE = Path("/tmp/irece/cache"); CACHE.mkdir(parents=True, exist_ok=True)
 
 def cgce_pack(c, n=300):
-    p = Path(f"/work/main/bench_out/diffusion-erasure/packs/{c}-cgce-{n}")
+    p = REPO / f"bench_out/diffusion-erasure/packs/{c}-cgce-{n}"
     if not p.is_dir():
         p = CACHE / f"{c}-cgce-{n}"
         if not p.is_dir():

@@ -1,5 +1,5 @@
 # ruff: noqa
-"""Round 4: attack images of the TUNING concepts (seed 100, as in sweep2) with their per-step queries and detector labels; see irece_tuned.json."""
+"""Round 4: attack images of the TUNING concepts (seed 100, as in sweep.py round 2) with their per-step queries and detector labels; see irece_tuned.json."""
 from common import *
 from erasekit.integrations.diffusers_calibrate import _QueryRecorder, cross_attention_processors
 from erasekit.integrations.diffusers_calibrate import denoiser_of

@@ -2,7 +2,8 @@
 """Round 4 offline: gate recall at the calibrated 1 % held-out FPR for probe/gate variants, TUNING concepts only; see irece_tuned.json."""
 import sys, numpy as np, warnings
 warnings.filterwarnings("ignore")
-sys.path.insert(0, "/work/main")
+from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parents[4]))
 from erasekit.steering import irece as irm
 concepts = sys.argv[1].split(",")
 FPR, DS, DE = 0.01, 0.2, 0.5
@@ -34,7 +35,7 @@ def gate(held, lo, hi, mode):
 rows = {}
 for c in concepts:
     d = dict(np.load(f"/tmp/irece3/{c}.npz")); a = np.load(f"/tmp/irece3/{c}_atk.npz")
-    for k in ("ti_w", "ti_b", "ddim"):  # the attack images as sweep2 draws them (under CGCE), only those that show the concept
+    for k in ("ti_w", "ti_b", "ddim"):  # the attack images as sweep.py round 2 draws them (under CGCE), only those that show the concept
         d[k] = a[k][a[k + "_y"] > 0.5]
     S = d["pos"].shape[1]; lo = int(np.floor(DS * S)); hi = max(lo + 1, int(np.ceil(DE * S)))
     for n in (48, 96, 144):

@@ -1,21 +1,33 @@
 # ruff: noqa
-"""IRECE v2 sweep on the TUNING concepts (square, green, checker; seed 100), kept as run; see irece_tuned.json."""
+"""IRECE v2 sweeps on the TUNING concepts (seed 100), kept as run; see irece_tuned.json.
+
+``python sweep.py ROUND CONCEPTS [N]``: round 1 (square, green, checker) compared cut modes,
+round 2 (after the CGCE v2 commit) refined the decision window and the masked cut.
+"""
 from common import *
-import itertools
 import json
 from pathlib import Path
-concepts = sys.argv[1].split(","); N = int(sys.argv[2]) if len(sys.argv) > 2 else 8
-SEED = 100
-decides = [(0.2, 0.5), (0.1, 0.4)]
-variants = {
-  "renoise_only_end0.5": dict(cut="none", strength=0.9, start=0.0, end=0.5),
-  "renoise_only_end1": dict(cut="none", strength=0.9, start=0.0, end=1.0),
-  "cutmask_s0.5": dict(cut="mask", strength=0.5, start=0.0, end=0.5),
-  "cutmask_s0.9": dict(cut="mask", strength=0.9, start=0.0, end=0.5),
-  "cutimage_s0.5": dict(cut="image", strength=0.5, start=0.0, end=0.5),
-  "cutimage_maskimage_s0.9": dict(cut="image", mask="image", strength=0.9, start=0.0, end=0.5),
-  "cutmask_nonoise": dict(cut="mask", strength=0.0, start=0.0, end=0.5),
+ROUNDS = {
+  1: ([(0.2, 0.5), (0.1, 0.4)], {
+    "renoise_only_end0.5": dict(cut="none", strength=0.9, start=0.0, end=0.5),
+    "renoise_only_end1": dict(cut="none", strength=0.9, start=0.0, end=1.0),
+    "cutmask_s0.5": dict(cut="mask", strength=0.5, start=0.0, end=0.5),
+    "cutmask_s0.9": dict(cut="mask", strength=0.9, start=0.0, end=0.5),
+    "cutimage_s0.5": dict(cut="image", strength=0.5, start=0.0, end=0.5),
+    "cutimage_maskimage_s0.9": dict(cut="image", mask="image", strength=0.9, start=0.0, end=0.5),
+    "cutmask_nonoise": dict(cut="mask", strength=0.0, start=0.0, end=0.5),
+  }),
+  2: ([(0.2, 0.5), (0.1, 0.5), (0.0, 0.5)], {
+    "cutmask_s0.9": dict(cut="mask", strength=0.9, start=0.0, end=0.5),
+    "cutmask_s1.0": dict(cut="mask", strength=1.0, start=0.0, end=0.5),
+    "cutmask_s0.9_end0.7": dict(cut="mask", strength=0.9, start=0.0, end=0.7),
+    "cutmask_s0.9_dil2": dict(cut="mask", strength=0.9, start=0.0, end=0.5, dilate=2),
+    "cutimage_maskimage_s0.9": dict(cut="image", mask="image", strength=0.9, start=0.0, end=0.5),
+  }),
 }
+ROUND = int(sys.argv[1]); concepts = sys.argv[2].split(","); N = int(sys.argv[3]) if len(sys.argv) > 3 else 8
+SEED = 100
+decides, variants = ROUNDS[ROUND]
 res = {}
 for c in concepts:
     t0 = time.time()
@@ -41,7 +53,7 @@ for c in concepts:
             with guard(W.pipe, [cg, ir]) as g:
                 res[(c, d, vn)] = evalg(g)
             print("  ", d, vn, res[(c, d, vn)], flush=True)
-Path(f"/tmp/irece/tune_{'_'.join(concepts)}.json").write_text(json.dumps({" / ".join(map(str, k)): v for k, v in res.items()}, default=str))
+Path(f"/tmp/irece/tune{ROUND}_{'_'.join(concepts)}.json").write_text(json.dumps({" / ".join(map(str, k)): v for k, v in res.items()}, default=str))
 print("SUMMARY")
 for d in decides:
     for vn in variants:
