@@ -78,6 +78,50 @@ def build_tiny_llama_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
+def tiny_llama_config(
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    num_layers: int,
+    hidden_size: int,
+    num_attention_heads: int,
+    num_key_value_heads: int = 1,
+    intermediate_size: int,
+    max_position_embeddings: int = 512,
+    **extra: object,
+) -> LlamaConfig:
+    """The tiny Llama text config for ``tokenizer`` (shared by the tiny LM and the tiny VLM's text model)."""
+    if hidden_size % num_attention_heads or num_attention_heads % num_key_value_heads:
+        raise ValueError(
+            f"hidden_size ({hidden_size}) must be divisible by num_attention_heads ({num_attention_heads}), "
+            f"which must be divisible by num_key_value_heads ({num_key_value_heads})"
+        )
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        head_dim=hidden_size // num_attention_heads,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        **extra,
+    )
+
+
+def greedy_generation_config(tokenizer: PreTrainedTokenizerFast) -> GenerationConfig:
+    """Greedy decoding with the tokenizer's special ids, so tests compare token for token."""
+    return GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+    )
+
+
 def build_tiny_llama(
     seed: int = 0,
     *,
@@ -95,37 +139,22 @@ def build_tiny_llama(
     stream. ``hidden_size / num_attention_heads`` must be 64 (or another size vLLM's CPU
     attention supports) if the model is to be served by vLLM. The model is in eval mode, fp32.
     """
-    if hidden_size % num_attention_heads or num_attention_heads % num_key_value_heads:
-        raise ValueError(
-            f"hidden_size ({hidden_size}) must be divisible by num_attention_heads ({num_attention_heads}), "
-            f"which must be divisible by num_key_value_heads ({num_key_value_heads})"
-        )
     tokenizer = build_tiny_llama_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    config = tiny_llama_config(
+        tokenizer,
+        num_layers=num_layers,
         hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
         num_attention_heads=num_attention_heads,
         num_key_value_heads=num_key_value_heads,
-        head_dim=hidden_size // num_attention_heads,
+        intermediate_size=intermediate_size,
         max_position_embeddings=max_position_embeddings,
         initializer_range=initializer_range,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
         dtype=torch.float32,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        do_sample=False,
-    )
+    model.generation_config = greedy_generation_config(tokenizer)
     return model.eval(), tokenizer
 
 

@@ -21,16 +21,18 @@ from pathlib import Path
 
 import torch
 from transformers import (
-    GenerationConfig,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     Idefics3Processor,
-    LlamaConfig,
     PreTrainedTokenizerFast,
 )
 from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
-from erasekit.testing.tiny_llama import build_tiny_llama_tokenizer
+from erasekit.testing.tiny_llama import (
+    build_tiny_llama_tokenizer,
+    greedy_generation_config,
+    tiny_llama_config,
+)
 
 __all__ = ["IMAGE_SIZE", "IMAGE_SEQ_LEN", "TINY_VLM_CHAT_TEMPLATE", "build_tiny_vlm", "save_tiny_vlm", "tiny_vlm_dir"]
 
@@ -85,19 +87,12 @@ def build_tiny_vlm(
     """Build a random tiny Idefics3 (fp32, eval) and its processor; same seed, same weights."""
     processor = build_tiny_vlm_processor()
     tokenizer = processor.tokenizer
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
+    text = tiny_llama_config(
+        tokenizer,
+        num_layers=num_layers,
         hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
         num_attention_heads=num_attention_heads,
-        num_key_value_heads=1,
-        head_dim=hidden_size // num_attention_heads,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        intermediate_size=2 * hidden_size,
     )
     vision = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": vision_layers,
               "num_attention_heads": 2, "image_size": IMAGE_SIZE, "patch_size": _PATCH}
@@ -112,10 +107,7 @@ def build_tiny_vlm(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Idefics3ForConditionalGeneration(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, do_sample=False,
-    )
+    model.generation_config = greedy_generation_config(tokenizer)
     return model.eval(), processor
 
 
