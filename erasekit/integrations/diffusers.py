@@ -7,9 +7,10 @@ Three diffusers-native mechanisms, no patched pipeline copies:
   really consumes, uniform across SD1.x, SDXL (penultimate layers of two encoders), SD3, Flux,
   CogVideoX and Wan, and whether the caller passed ``prompt=`` or ``prompt_embeds=`` -- runs
   the CGCE detectors and, for flagged rows only, returns refined embeddings;
-* attention processors on the UNet's cross-attention (``attn2``) modules wrap the original
-  processor (whose output is returned untouched) and, during an IRECE window, score each image
-  position with the concept's calibrated key (a probe on the layer's queries);
+* attention processors on the UNet's cross-attention (``attn2``) modules -- or, on SD3, on the
+  joint attention (``transformer_blocks.N.attn``) where image and text tokens attend together --
+  wrap the original processor (whose output is returned untouched) and, during an IRECE window,
+  score each image position with the concept's calibrated key (a probe on the layer's image queries);
 * ``callback_on_step_end`` turns those maps into a mask and re-noises the masked latents.
 
 Hooks are inert outside a guarded call or :meth:`DiffusersGuard.erasing` block, so the modules
@@ -109,6 +110,36 @@ def cross_attention_processors(pipe: DiffusionPipeline) -> list[str]:
     denoiser = denoiser_of(pipe)
     procs = getattr(denoiser, "attn_processors", {})
     return sorted(n for n in procs if n.endswith("attn2.processor"))
+
+
+def denoiser_family(pipe: DiffusionPipeline) -> str:
+    """Which IRECE family the denoiser belongs to: ``"unet"``, ``"sd3"``, or its class name (unsupported).
+
+    IRECE probes a layer's image queries, so a pack only means something on the attention layout
+    it was calibrated on; the family is recorded in the pack and checked before anything attaches.
+    """
+    denoiser = denoiser_of(pipe)
+    if denoiser is getattr(pipe, "unet", None):
+        return "unet"
+    if type(denoiser).__name__ == "SD3Transformer2DModel":
+        return "sd3"
+    return type(denoiser).__name__
+
+
+def irece_attention_processors(pipe: DiffusionPipeline) -> list[str]:
+    """The attention processors IRECE listens to on this pipeline (empty where it is not built).
+
+    UNet: the cross-attention ``attn2`` processors. SD3: each ``JointTransformerBlock``'s joint
+    attention ``transformer_blocks.N.attn`` (image + text tokens); SD3.5's extra ``attn2`` (dual
+    attention) is image self-attention, which the text never reaches, so it is left out.
+    """
+    family = denoiser_family(pipe)
+    if family == "unet":
+        return cross_attention_processors(pipe)
+    if family == "sd3":
+        procs = getattr(denoiser_of(pipe), "attn_processors", {})
+        return sorted(n for n in procs if n.startswith("transformer_blocks.") and n.endswith(".attn.processor"))
+    return []
 
 
 def cross_attention_inputs(attn: Any, hidden: torch.Tensor, images: int = 0) -> torch.Tensor:
@@ -266,6 +297,53 @@ class _CaptureProcessor:
         return out
 
 
+class _JointCaptureProcessor(_CaptureProcessor):
+    """Wraps an SD3 joint-attention processor: the same scoring and text cut, on the image tokens.
+
+    The inner processor receives the image tokens as ``hidden_states`` and the text tokens as
+    ``encoder_hidden_states``, attends over both together and returns ``(image_out, text_out)``.
+    Scoring folds the probe in front of ``attn.to_q`` applied to the image tokens, exactly as on
+    the UNet. The cut replaces, for latched images at masked image tokens, the conditional
+    branch's ``image_out`` by the unconditional branch's (SD3 runs CFG as an ``[uncond, cond]``
+    batch); ``text_out`` is returned untouched.
+
+    Why the whole image-token output and not only the text keys' share of it: SD3 computes joint
+    attention in one fused ``scaled_dot_product_attention`` whose softmax normalises over image
+    and text keys together, so the text's contribution cannot be subtracted from the output
+    without the attention maps (or a second attention pass with the text keys swapped for the
+    unconditional ones, which doubles the layer's cost at every cut step). Taking the
+    unconditional row is what the UNet cut does too -- there ``attn2``'s output *is* the text's
+    contribution -- and here it is slightly stronger: the masked tokens also take the
+    unconditional branch's view of the image context. It costs one ``torch.where`` per layer, no
+    attention map is materialised, and tokens outside the mask keep the conditional output.
+    """
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 ip_hidden_states: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        # Attention.forward passes only keyword arguments named in this signature: forward the
+        # optional ones (IP-adapter processors take them) only when the pipeline gave them.
+        extra = {k: v for k, v in (("temb", temb), ("ip_hidden_states", ip_hidden_states)) if v is not None}
+        out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **extra, **kwargs)
+        state = self.guard._current()
+        if state is None or encoder_hidden_states is None or state.per_prompt is None:
+            return out
+        if (getattr(self.guard.pipe, "do_classifier_free_guidance", False)
+                and hidden_states.shape[0] != 2 * self.guard._images(state)):
+            # Under CFG only the [uncond, cond] pass is scored and cut; skip-layer guidance's extra
+            # conditional-only pass (``skip_guidance_layers``) would otherwise count twice per step.
+            return out
+        plan = self.guard._irece_plan(state)
+        for concept, (score, cut) in plan.items():
+            if self.name not in concept.layers:
+                continue
+            if score:
+                self.guard._capture(state, concept, self.name, attn, hidden_states)
+            if cut and isinstance(out, tuple):
+                out = (self.guard._cut(state, concept, out[0]), *out[1:])
+        return out
+
+
 # ---------------------------------------------------------------------------- the guard
 class DiffusersGuard:
     """A diffusers pipeline with concept erasure, called exactly like the pipeline.
@@ -319,6 +397,9 @@ class DiffusersGuard:
         self.fault_counts: dict[str, int] = {}
         self._classifiers = {p.name: CGCEClassifier.from_pack(p) for p in loaded if p.method == "cgce"}
         self._irece = {p.name: self._irece_concept(p) for p in loaded if p.method == "irece"}
+        #: maps back onto the latent grid: UNet maps are coarser feature maps (bilinear, as before);
+        #: SD3's are patch grids, each token exactly p x p latent pixels (nearest).
+        self._upsample = "nearest" if denoiser_family(pipe) == "sd3" else "bilinear"
         self.packs = loaded
         self.attach()
 
@@ -358,6 +439,8 @@ class DiffusersGuard:
                 raise PackError(where, "concept", f"two {pack.method} packs for concept {pack.name!r}",
                                 "pass one pack per concept and method")
             seen.add((pack.name, pack.method))
+            if pack.method == "irece":  # before the fingerprint: the family is the error that says why
+                self._check_irece_family(pack, where)
             pack.check_model(fingerprint)
             want = pack.hyperparameters.get("embed_dim")
             if dim is not None and want != dim:
@@ -366,11 +449,24 @@ class DiffusersGuard:
             if pack.method == "irece":
                 self._check_irece(pack, where)
 
+    def _check_irece_family(self, pack: ConceptPack, where: str) -> None:
+        family = denoiser_family(self.pipe)
+        if family not in irece_math.DENOISER_FAMILIES:
+            raise PackError(where, "method", f"IRECE localises with UNet cross-attention (attn2) or SD3 joint "
+                            f"attention; {type(denoiser_of(self.pipe)).__name__} has neither",
+                            "use CGCE alone on Flux/CogVideoX/Wan pipelines (their joint-attention capture is "
+                            "not implemented)")
+        calibrated = pack.hyperparameters.get("denoiser_family", "unet")
+        if calibrated != family:
+            raise PackError(where, "hyperparameters.denoiser_family", f"pack was calibrated on a {calibrated!r} "
+                            f"denoiser but this pipeline's is {family!r} ({type(denoiser_of(self.pipe)).__name__})",
+                            "calibrate the IRECE pack on this pipeline (erasekit calibrate --method irece)")
+
     def _check_irece(self, pack: ConceptPack, where: str) -> None:
-        names = cross_attention_processors(self.pipe)
+        names = irece_attention_processors(self.pipe)
         if not names:
-            raise PackError(where, "method", f"IRECE localises with UNet cross-attention (attn2); "
-                            f"{type(denoiser_of(self.pipe)).__name__} has none",
+            raise PackError(where, "method", f"IRECE localises with UNet cross-attention (attn2) or SD3 joint "
+                            f"attention; {type(denoiser_of(self.pipe)).__name__} has none",
                             "use CGCE alone on DiT/video pipelines (joint-attention capture is not implemented)")
         if "callback_on_step_end" not in inspect.signature(self.pipe.__call__).parameters:
             raise PackError(where, "method", f"{type(self.pipe).__name__} has no callback_on_step_end",
@@ -382,7 +478,7 @@ class DiffusersGuard:
         layers = pack.hyperparameters["layers"]
         unknown = sorted(set(layers) - set(names))
         if unknown:
-            raise PackError(where, "hyperparameters.layers", f"no cross-attention processor {unknown[0]!r}",
+            raise PackError(where, "hyperparameters.layers", f"no IRECE attention processor {unknown[0]!r}",
                             f"use names from {names[:3]}...")
 
     def _irece_concept(self, pack: ConceptPack) -> _IreceConcept:
@@ -417,7 +513,8 @@ class DiffusersGuard:
                 layers = frozenset().union(*(c.layers for c in self._irece.values()))
                 procs = dict(denoiser.attn_processors)
                 self._original_processors = dict(procs)
-                wrapped = {n: (_CaptureProcessor(p, n, self) if n in layers else p) for n, p in procs.items()}
+                wrapper = _JointCaptureProcessor if denoiser_family(self.pipe) == "sd3" else _CaptureProcessor
+                wrapped = {n: (wrapper(p, n, self) if n in layers else p) for n, p in procs.items()}
                 denoiser.set_attn_processor(dict(wrapped))  # it empties the dict it is given
         except BaseException:
             self._remove_hooks()
@@ -661,7 +758,7 @@ class DiffusersGuard:
             if not bool(latched.any()):
                 continue
             if captured and c.mask_mode == "above_mean":
-                logits = irece_math.maps_to_latent(captured, tuple(latents.shape[-2:])) * len(captured)
+                logits = irece_math.maps_to_latent(captured, tuple(latents.shape[-2:]), self._upsample) * len(captured)
             if c.mask_mode == "image":
                 mask = irece_math.build_mask(latents[:, 0], latched, 0, "image")
             elif logits is not None:

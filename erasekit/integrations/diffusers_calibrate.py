@@ -28,11 +28,12 @@ from erasekit.guardrails.concept import Concept
 from erasekit.guardrails.pack import ConceptPack
 from erasekit.integrations.diffusers import (
     conditioning_dim,
-    cross_attention_processors,
     cross_attention_queries,
+    denoiser_family,
     denoiser_of,
     denoiser_sha256,
     fingerprint_pipeline,
+    irece_attention_processors,
 )
 from erasekit.steering import irece
 
@@ -219,14 +220,14 @@ def calibrate_irece(
     per-step thresholds so that at most ``gate_fpr`` of them would be latched.
     """
     hp = _apply_overrides(dict(irece.DEFAULTS), hyperparameters, "irece")
-    names = cross_attention_processors(pipe)
+    names = irece_attention_processors(pipe)  # UNet attn2, or SD3 joint attention (image-token queries)
     if not names:
-        raise ErasekitError(type(pipe).__name__, "method", "IRECE needs UNet cross-attention (attn2) layers",
-                            "use CGCE alone on DiT/video pipelines")
+        raise ErasekitError(type(pipe).__name__, "method", "IRECE needs UNet cross-attention (attn2) or SD3 joint "
+                            "attention layers", "use CGCE alone on Flux/CogVideoX/Wan pipelines")
     layers = names if hp["layers"] == "all" else list(hp["layers"])
     unknown = sorted(set(layers) - set(names))
     if unknown:
-        raise ErasekitError("calibrate_irece", "layers", f"no cross-attention processor {unknown[0]!r}",
+        raise ErasekitError("calibrate_irece", "layers", f"no IRECE attention processor {unknown[0]!r}",
                             f"use names from {names[:3]}...")
     if len(concept.forget) < 2 or len(concept.retain) < 2:
         raise ErasekitError("Concept", "forget/retain", "IRECE needs at least 2 prompts with and 2 without the concept",
@@ -258,6 +259,7 @@ def calibrate_irece(
     embed_dim = conditioning_dim(pipe) or int(encode_conditioning(pipe, [concept.name], **kwargs).shape[-1])
     latched_train = (train_logits[:, lo:hi] > thresholds[lo:hi]).any(1)
     hp.update(layers=layers, embed_dim=int(embed_dim), denoiser_sha256=denoiser_sha256(pipe),
+              denoiser_family=denoiser_family(pipe),
               probe_train_accuracy=round(float(((train_logits > 0) == y[:, None]).mean()), 4),
               gate_train_tpr=round(float(latched_train[y == 1].mean()), 4),
               gate_train_fpr=round(float(latched_train[y == 0].mean()), 4),

@@ -33,6 +33,14 @@ measured); (2) inside ``[start, end)`` masked latents are partially re-noised,
 undoes an inverted latent, which has no text to cut). Outside the mask nothing changes.
 
 All choices are pack hyperparameters (see ``DEFAULTS``) tuned on the world benchmark.
+
+SD3 (``denoiser_family="sd3"``): the same probes, gate, mask and re-noising, listening to each
+``JointTransformerBlock``'s joint attention instead of ``attn2`` -- the probe is folded in front of
+``to_q`` applied to the *image* tokens; the mask lives on the image-token (patch) grid and is mapped
+back to the latent grid by nearest-neighbour upsampling (each token is ``p x p`` latent pixels);
+the cut swaps the conditional branch's image-token attention output for the unconditional one's
+at masked tokens (see ``_JointCaptureProcessor`` in ``erasekit/integrations/diffusers.py``). It is
+plumbing verified on a tiny random SD3 only; nothing about its efficacy has been measured.
 """
 
 from __future__ import annotations
@@ -67,6 +75,11 @@ DEFAULTS: dict[str, object] = {
     "dilate": 1, "seed": 0,
 }
 CUT_MODES = ("mask", "image", "none")
+#: Denoiser families IRECE can listen to (``hyperparameters.denoiser_family``, recorded at calibration):
+#: ``"unet"`` -- SD1.x/SDXL UNets, probes on the cross-attention (``attn2``) queries; ``"sd3"`` --
+#: SD3's ``SD3Transformer2DModel``, probes on the image-token queries of its joint attention. Packs
+#: written before the field existed were all UNet packs, so a missing field reads as ``"unet"``.
+DENOISER_FAMILIES = ("unet", "sd3")
 MASK_MODES = ("above_mean", "image")
 
 
@@ -106,8 +119,13 @@ def gate_thresholds(negatives: np.ndarray, fpr: float, lo: int, hi: int) -> np.n
     return (mu + z * sd).astype(np.float32)
 
 
-def maps_to_latent(maps: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-    """Average flat per-position maps ``[B, h*w]`` of several resolutions at latent ``size`` -> [B, H, W]."""
+def maps_to_latent(maps: list[torch.Tensor], size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """Average flat per-position maps ``[B, h*w]`` of several resolutions at latent ``size`` -> [B, H, W].
+
+    ``mode="nearest"`` is for patch grids (a DiT's image tokens each cover ``p x p`` latent pixels
+    exactly): every latent pixel takes its patch's logit, so max-pooling the mask back onto the
+    token grid (the text cut) returns the same tokens.
+    """
     height, width = size
     out = None
     for m in maps:
@@ -115,7 +133,11 @@ def maps_to_latent(maps: list[torch.Tensor], size: tuple[int, int]) -> torch.Ten
         h, w = round(height / ratio), round(width / ratio)
         if h * w != m.shape[1]:
             raise ValueError(f"attention map of {m.shape[1]} positions does not tile a {height}x{width} latent")
-        up = F.interpolate(m.float().view(-1, 1, h, w), size=(height, width), mode="bilinear", align_corners=False)
+        grid = m.float().view(-1, 1, h, w)
+        if mode == "nearest":
+            up = F.interpolate(grid, size=(height, width), mode="nearest")
+        else:
+            up = F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)
         out = up if out is None else out + up
     if out is None:
         raise ValueError("no attention maps captured")
@@ -180,10 +202,15 @@ def validate(pack: ConceptPack, where: str) -> None:
         if hp.get(key) not in allowed:
             raise PackError(where, f"hyperparameters.{key}", f"must be one of {list(allowed)}, got {hp.get(key)!r}",
                             f"pass --set {key}={allowed[0]}")
+    family = hp.get("denoiser_family", "unet")
+    if family not in DENOISER_FAMILIES:
+        raise PackError(where, "hyperparameters.denoiser_family", f"must be one of {list(DENOISER_FAMILIES)}, got "
+                        f"{family!r}", "re-calibrate the IRECE pack on a UNet (SD1.x/SDXL) or SD3 pipeline")
     layers = hp.get("layers")
     if not (isinstance(layers, list) and layers and all(isinstance(x, str) for x in layers)):
         raise PackError(where, "hyperparameters.layers", f"expected a non-empty list of names, got {layers!r}",
-                        "re-calibrate; layers name cross-attention processors (keys ending in attn2.processor)")
+                        "re-calibrate; layers name attention processors (UNet: keys ending in attn2.processor; "
+                        "SD3: transformer_blocks.N.attn.processor)")
     expected = {f"probe_weight.{i}" for i in range(len(layers))} | {"probe_bias", "gate_threshold"}
     if set(pack.tensors) != expected:
         raise PackError(where, "tensors", f"expected {sorted(expected)}, got {sorted(pack.tensors)}",
