@@ -19,7 +19,7 @@ from transformers import (
     T5TokenizerFast,
 )
 
-from erasekit.errors import ErasekitError, PackError
+from erasekit.errors import PackError
 from erasekit.guardrails.concept import Concept
 from erasekit.integrations.diffusers import HOOK_NAME, guard
 from erasekit.integrations.diffusers_calibrate import calibrate_cgce, calibrate_irece
@@ -98,7 +98,9 @@ def build_sd3(patch_size: int = 1, num_layers: int = 1):
     return pipe, {"height": 16, "width": 16, "max_sequence_length": 16}
 
 
-def build_cogvideox():
+def build_cogvideox(num_layers: int = 1, patch_size_t: int | None = None, rotary: bool = False, sample_size: int = 2):
+    """Tiny CogVideoX 1.0 by default; ``patch_size_t`` + ``rotary`` (+ ``sample_size`` >= the latent
+    grid, which 1.5's sliced RoPE needs) give the CogVideoX 1.5 layout."""
     from diffusers import (
         AutoencoderKLCogVideoX,
         CogVideoXPipeline,
@@ -108,9 +110,10 @@ def build_cogvideox():
 
     torch.manual_seed(0)
     transformer = CogVideoXTransformer3DModel(
-        num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2,
-        text_embed_dim=32, num_layers=1, sample_width=2, sample_height=2, sample_frames=9, patch_size=2,
-        temporal_compression_ratio=4, max_text_seq_length=16)
+        num_attention_heads=4, attention_head_dim=16 if rotary else 8,  # 3D RoPE splits a head 1/4, 3/8, 3/8
+        in_channels=4, out_channels=4, time_embed_dim=2, text_embed_dim=32, num_layers=num_layers,
+        sample_width=sample_size, sample_height=sample_size, sample_frames=9, patch_size=2, patch_size_t=patch_size_t,
+        use_rotary_positional_embeddings=rotary, temporal_compression_ratio=4, max_text_seq_length=16)
     vae = AutoencoderKLCogVideoX(
         in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
         up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
@@ -163,18 +166,16 @@ def test_hook_fires_on_flagged_prompt_and_benign_stays_identical(family):
 
 
 def test_irece_on_unet_pipelines_and_refused_elsewhere(family):
-    """IRECE runs on UNets (here) and SD3 (tests/test_irece_sd3.py); CogVideoX is refused, and a
-    UNet IRECE pack is refused on both DiTs before anything attaches."""
+    """IRECE runs on UNets (here), SD3 (tests/test_irece_sd3.py) and CogVideoX
+    (tests/test_irece_video.py); a UNet IRECE pack is refused on both DiTs before anything attaches
+    (Flux stays refused: tests/test_irece_video.py)."""
     name, pipe, pack, kwargs = family
     if name != "sdxl":
-        if name == "cogvideox":
-            with pytest.raises(ErasekitError, match="cross-attention"):
-                calibrate_irece(pipe, pack.concept)
         foreign = calibrate_irece(build_tiny_sd_pipeline(0), pack.concept, n_prompts=2,
                                   call_kwargs={"num_inference_steps": 1, "height": 32, "width": 32})
         with pytest.raises(PackError) as err:
             guard(pipe, [pack, foreign])
-        assert err.value.field == ("hyperparameters.denoiser_family" if name == "sd3" else "method")
+        assert err.value.field == "hyperparameters.denoiser_family"
         assert pipe.transformer._diffusers_hook.get_hook(HOOK_NAME) is None
         return
     irece_pack = calibrate_irece(pipe, pack.concept, n_prompts=4, threshold=0.0, end=1.0,

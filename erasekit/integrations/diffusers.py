@@ -8,9 +8,11 @@ Three diffusers-native mechanisms, no patched pipeline copies:
   CogVideoX and Wan, and whether the caller passed ``prompt=`` or ``prompt_embeds=`` -- runs
   the CGCE detectors and, for flagged rows only, returns refined embeddings;
 * attention processors on the UNet's cross-attention (``attn2``) modules -- or, on SD3, on the
-  joint attention (``transformer_blocks.N.attn``) where image and text tokens attend together --
-  wrap the original processor (whose output is returned untouched) and, during an IRECE window,
-  score each image position with the concept's calibrated key (a probe on the layer's image queries);
+  joint attention (``transformer_blocks.N.attn``) where image and text tokens attend together;
+  on CogVideoX on each block's joint attention ``transformer_blocks.N.attn1`` (video + text
+  tokens) -- wrap the original processor (whose output is returned untouched) and, during an
+  IRECE window, score each image (video) position with the concept's calibrated key (a probe on
+  the layer's image/video queries);
 * ``callback_on_step_end`` turns those maps into a mask and re-noises the masked latents.
 
 Hooks are inert outside a guarded call or :meth:`DiffusersGuard.erasing` block, so the modules
@@ -113,7 +115,7 @@ def cross_attention_processors(pipe: DiffusionPipeline) -> list[str]:
 
 
 def denoiser_family(pipe: DiffusionPipeline) -> str:
-    """Which IRECE family the denoiser belongs to: ``"unet"``, ``"sd3"``, or its class name (unsupported).
+    """The denoiser's IRECE family: ``"unet"``, ``"sd3"``, ``"cogvideox"``, or its class name (unsupported).
 
     IRECE probes a layer's image queries, so a pack only means something on the attention layout
     it was calibrated on; the family is recorded in the pack and checked before anything attaches.
@@ -123,6 +125,8 @@ def denoiser_family(pipe: DiffusionPipeline) -> str:
         return "unet"
     if type(denoiser).__name__ == "SD3Transformer2DModel":
         return "sd3"
+    if type(denoiser).__name__ == "CogVideoXTransformer3DModel":
+        return "cogvideox"
     return type(denoiser).__name__
 
 
@@ -131,14 +135,16 @@ def irece_attention_processors(pipe: DiffusionPipeline) -> list[str]:
 
     UNet: the cross-attention ``attn2`` processors. SD3: each ``JointTransformerBlock``'s joint
     attention ``transformer_blocks.N.attn`` (image + text tokens); SD3.5's extra ``attn2`` (dual
-    attention) is image self-attention, which the text never reaches, so it is left out.
+    attention) is image self-attention, which the text never reaches, so it is left out. CogVideoX:
+    each ``CogVideoXBlock``'s ``transformer_blocks.N.attn1`` (video + text tokens, its only attention).
     """
     family = denoiser_family(pipe)
     if family == "unet":
         return cross_attention_processors(pipe)
-    if family == "sd3":
+    suffix = {"sd3": ".attn.processor", "cogvideox": ".attn1.processor"}.get(family)
+    if suffix is not None:
         procs = getattr(denoiser_of(pipe), "attn_processors", {})
-        return sorted(n for n in procs if n.startswith("transformer_blocks.") and n.endswith(".attn.processor"))
+        return sorted(n for n in procs if n.startswith("transformer_blocks.") and n.endswith(suffix))
     return []
 
 
@@ -344,6 +350,53 @@ class _JointCaptureProcessor(_CaptureProcessor):
         return out
 
 
+class _VideoCaptureProcessor(_CaptureProcessor):
+    """Wraps a CogVideoX joint-attention processor (``attn1``): scoring and text cut on the video tokens.
+
+    ``CogVideoXAttnProcessor2_0`` receives the video tokens as ``hidden_states`` and the text
+    tokens as ``encoder_hidden_states``, concatenates them (text first), attends over both and
+    returns ``(video_out, text_out)``.
+
+    What the probe reads: ``attn.to_q(video tokens)`` -- the linear query projection of the
+    block's normalised, timestep-modulated video tokens, *before* the per-head ``norm_q``
+    LayerNorm and before the rotary embedding (CogVideoX 1.x applies both to ``q`` inside the
+    processor). That is the last point where the query is linear in the processor's input, so the
+    probe folds in front of ``to_q`` as on the UNet and SD3, and it is what the calibration
+    recorder reads too (``cross_attention_queries`` on the same ``hidden_states``): guard and
+    calibration see exactly the same quantity. Reading after the rotary embedding would make the
+    probe depend on each token's position, not only on what is drawn there.
+
+    The cut: for latched videos, at masked video tokens, the conditional branch's ``video_out``
+    is replaced by the unconditional branch's (CogVideoX runs CFG as an ``[uncond, cond]``
+    batch); ``text_out`` is returned untouched. As on SD3 the attention is one fused
+    ``scaled_dot_product_attention`` over video and text keys, so the text's share cannot be
+    subtracted without materialising the attention maps (see ``_JointCaptureProcessor``).
+    """
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None,
+                 **kwargs: Any) -> Any:
+        # Attention.forward passes only keyword arguments named in this signature, so the rotary
+        # embedding (CogVideoX 1.5, 5B) must be named here; forwarded only when the pipeline gave one.
+        extra = {"image_rotary_emb": image_rotary_emb} if image_rotary_emb is not None else {}
+        out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **extra, **kwargs)
+        state = self.guard._current()
+        if state is None or encoder_hidden_states is None or state.per_prompt is None:
+            return out
+        plan = self.guard._irece_plan(state)
+        for concept, (score, cut) in plan.items():
+            if self.name not in concept.layers:
+                continue
+            if score:
+                self.guard._capture(state, concept, self.name, attn, hidden_states)
+            if cut and isinstance(out, tuple):
+                out = (self.guard._cut(state, concept, out[0]), *out[1:])
+        return out
+
+
+_CAPTURE_PROCESSORS = {"unet": _CaptureProcessor, "sd3": _JointCaptureProcessor, "cogvideox": _VideoCaptureProcessor}
+
+
 # ---------------------------------------------------------------------------- the guard
 class DiffusersGuard:
     """A diffusers pipeline with concept erasure, called exactly like the pipeline.
@@ -400,6 +453,9 @@ class DiffusersGuard:
         #: maps back onto the latent grid: UNet maps are coarser feature maps (bilinear, as before);
         #: SD3's are patch grids, each token exactly p x p latent pixels (nearest).
         self._upsample = "nearest" if denoiser_family(pipe) == "sd3" else "bilinear"
+        #: CogVideoX: latents [B, F, C, H, W]; tokens cover ``patch_size_t`` latent frames (1 if unset).
+        self._video = denoiser_family(pipe) == "cogvideox"
+        self._patch_t = int(getattr(denoiser_of(pipe).config, "patch_size_t", None) or 1) if self._video else 1
         self.packs = loaded
         self.attach()
 
@@ -452,10 +508,9 @@ class DiffusersGuard:
     def _check_irece_family(self, pack: ConceptPack, where: str) -> None:
         family = denoiser_family(self.pipe)
         if family not in irece_math.DENOISER_FAMILIES:
-            raise PackError(where, "method", f"IRECE localises with UNet cross-attention (attn2) or SD3 joint "
-                            f"attention; {type(denoiser_of(self.pipe)).__name__} has neither",
-                            "use CGCE alone on Flux/CogVideoX/Wan pipelines (their joint-attention capture is "
-                            "not implemented)")
+            raise PackError(where, "method", f"IRECE localises with UNet cross-attention (attn2), SD3 or CogVideoX "
+                            f"joint attention; {type(denoiser_of(self.pipe)).__name__} has none of them",
+                            "use CGCE alone on Flux/Wan pipelines (their joint-attention capture is not implemented)")
         calibrated = pack.hyperparameters.get("denoiser_family", "unet")
         if calibrated != family:
             raise PackError(where, "hyperparameters.denoiser_family", f"pack was calibrated on a {calibrated!r} "
@@ -465,9 +520,9 @@ class DiffusersGuard:
     def _check_irece(self, pack: ConceptPack, where: str) -> None:
         names = irece_attention_processors(self.pipe)
         if not names:
-            raise PackError(where, "method", f"IRECE localises with UNet cross-attention (attn2) or SD3 joint "
-                            f"attention; {type(denoiser_of(self.pipe)).__name__} has none",
-                            "use CGCE alone on DiT/video pipelines (joint-attention capture is not implemented)")
+            raise PackError(where, "method", f"IRECE localises with UNet cross-attention (attn2), SD3 or CogVideoX "
+                            f"joint attention; {type(denoiser_of(self.pipe)).__name__} has none",
+                            "use CGCE alone on Flux/Wan pipelines (their joint-attention capture is not implemented)")
         if "callback_on_step_end" not in inspect.signature(self.pipe.__call__).parameters:
             raise PackError(where, "method", f"{type(self.pipe).__name__} has no callback_on_step_end",
                             "use a pipeline that supports callback_on_step_end")
@@ -513,7 +568,7 @@ class DiffusersGuard:
                 layers = frozenset().union(*(c.layers for c in self._irece.values()))
                 procs = dict(denoiser.attn_processors)
                 self._original_processors = dict(procs)
-                wrapper = _JointCaptureProcessor if denoiser_family(self.pipe) == "sd3" else _CaptureProcessor
+                wrapper = _CAPTURE_PROCESSORS.get(denoiser_family(self.pipe), _CaptureProcessor)
                 wrapped = {n: (wrapper(p, n, self) if n in layers else p) for n, p in procs.items()}
                 denoiser.set_attn_processor(dict(wrapped))  # it empties the dict it is given
         except BaseException:
@@ -700,12 +755,27 @@ class DiffusersGuard:
         mask = state.masks.get(concept.name)
         if mask is None or out.ndim != 3 or out.shape[0] != 2 * images or mask.shape[0] != images:
             return out  # no unconditional branch (guidance 1): the latent perturbation acts alone
+        if mask.ndim == 5:
+            return self._cut_video(mask, out, images)
         height, width = mask.shape[-2:]
         ratio = (height * width / out.shape[1]) ** 0.5
         h, w = round(height / ratio), round(width / ratio)
         if h * w != out.shape[1]:
             return out
         m = torch.nn.functional.adaptive_max_pool2d(mask.float(), (h, w)).flatten(1)[..., None] > 0
+        uncond, cond = out[:images], out[images:]
+        return torch.cat([uncond, torch.where(m.to(out.device), uncond, cond)])
+
+    def _cut_video(self, mask: torch.Tensor, out: torch.Tensor, images: int) -> torch.Tensor:
+        """The cut on video tokens: mask [B, F, 1, H, W] pooled onto the (F/pt, H/p, W/p) token grid."""
+        frames, height, width = mask.shape[1], mask.shape[-2], mask.shape[-1]
+        f = frames // self._patch_t
+        ratio = (f * height * width / out.shape[1]) ** 0.5 if f else 0.0
+        h, w = (round(height / ratio), round(width / ratio)) if ratio else (0, 0)
+        if f * h * w != out.shape[1]:
+            return out
+        grid = mask.float()[:, :, 0][:, None]  # [B, 1, F, H, W]
+        m = torch.nn.functional.adaptive_max_pool3d(grid, (f, h, w)).flatten(1)[..., None] > 0
         uncond, cond = out[:images], out[images:]
         return torch.cat([uncond, torch.where(m.to(out.device), uncond, cond)])
 
@@ -734,7 +804,7 @@ class DiffusersGuard:
         maps, state.maps = state.maps, {}
         state.step, state.plan = step + 1, None
         out = latents
-        if latents.ndim != 4 or not num:
+        if latents.ndim != (5 if self._video else 4) or not num:
             return out
         b = latents.shape[0]
         for name in sorted(state.active() & set(self._irece)):
@@ -758,11 +828,16 @@ class DiffusersGuard:
             if not bool(latched.any()):
                 continue
             if captured and c.mask_mode == "above_mean":
-                logits = irece_math.maps_to_latent(captured, tuple(latents.shape[-2:]), self._upsample) * len(captured)
+                if self._video:  # [B, F, C, H, W]: the token grid is (F/pt, H/p, W/p)
+                    size = (latents.shape[1], *latents.shape[-2:])
+                    logits = irece_math.video_maps_to_latent(captured, size, self._patch_t) * len(captured)
+                else:
+                    logits = irece_math.maps_to_latent(captured, tuple(latents.shape[-2:]), self._upsample) * len(captured)
+            build = irece_math.build_video_mask if self._video else irece_math.build_mask
             if c.mask_mode == "image":
-                mask = irece_math.build_mask(latents[:, 0], latched, 0, "image")
+                mask = build(latents[:, :, 0] if self._video else latents[:, 0], latched, 0, "image")
             elif logits is not None:
-                mask = irece_math.build_mask(logits, latched, c.dilate)
+                mask = build(logits, latched, c.dilate)
             else:
                 mask = state.masks.get(name)
                 if mask is None:

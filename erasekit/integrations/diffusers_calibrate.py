@@ -170,6 +170,22 @@ class _QueryRecorder:
         return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
 
 
+class _VideoQueryRecorder(_QueryRecorder):
+    """CogVideoX ``attn1``: records ``to_q`` of the video tokens (before ``norm_q`` and the rotary
+    embedding, as the guard's ``_VideoCaptureProcessor`` reads them) and forwards the rotary
+    embedding by name -- Attention.forward drops keyword arguments its processor does not name."""
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None,
+                 **kwargs: Any) -> Any:
+        if encoder_hidden_states is not None:
+            with torch.no_grad():
+                query = cross_attention_queries(attn, hidden_states, self.images)
+            self.sink.setdefault(self.name, []).append(query.float().mean(dim=1).cpu())
+        extra = {"image_rotary_emb": image_rotary_emb} if image_rotary_emb is not None else {}
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **extra, **kwargs)
+
+
 def record_queries(
     pipe: DiffusionPipeline, prompts: Sequence[str], layers: Sequence[str], fit_until: float, batch_size: int = 16,
     progress: bool = False, seed: int = 0, **call_kwargs: Any,
@@ -183,11 +199,12 @@ def record_queries(
     steps = int(call_kwargs.get("num_inference_steps", 20))
     keep = max(1, int(round(fit_until * steps)))
     out: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+    recorder = _VideoQueryRecorder if denoiser_family(pipe) == "cogvideox" else _QueryRecorder
     try:
         for start in tqdm(range(0, len(prompts), batch_size), desc="recording queries", disable=not progress):
             batch = list(prompts[start:start + batch_size])
             sink: dict[str, list[torch.Tensor]] = {}
-            procs = {n: (_QueryRecorder(p, n, sink, len(batch)) if n in layers else p) for n, p in original.items()}
+            procs = {n: (recorder(p, n, sink, len(batch)) if n in layers else p) for n, p in original.items()}
             denoiser.set_attn_processor(dict(procs))
             with torch.no_grad():
                 pipe(prompt=batch, output_type="latent", generator=torch.Generator().manual_seed(seed + start),
@@ -220,10 +237,10 @@ def calibrate_irece(
     per-step thresholds so that at most ``gate_fpr`` of them would be latched.
     """
     hp = _apply_overrides(dict(irece.DEFAULTS), hyperparameters, "irece")
-    names = irece_attention_processors(pipe)  # UNet attn2, or SD3 joint attention (image-token queries)
+    names = irece_attention_processors(pipe)  # UNet attn2, or SD3/CogVideoX joint attention (image/video queries)
     if not names:
-        raise ErasekitError(type(pipe).__name__, "method", "IRECE needs UNet cross-attention (attn2) or SD3 joint "
-                            "attention layers", "use CGCE alone on Flux/CogVideoX/Wan pipelines")
+        raise ErasekitError(type(pipe).__name__, "method", "IRECE needs UNet cross-attention (attn2) or SD3/CogVideoX "
+                            "joint attention layers", "use CGCE alone on Flux/Wan pipelines")
     layers = names if hp["layers"] == "all" else list(hp["layers"])
     unknown = sorted(set(layers) - set(names))
     if unknown:

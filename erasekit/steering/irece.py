@@ -41,6 +41,15 @@ back to the latent grid by nearest-neighbour upsampling (each token is ``p x p``
 the cut swaps the conditional branch's image-token attention output for the unconditional one's
 at masked tokens (see ``_JointCaptureProcessor`` in ``erasekit/integrations/diffusers.py``). It is
 plumbing verified on a tiny random SD3 only; nothing about its efficacy has been measured.
+
+CogVideoX (``denoiser_family="cogvideox"``, text-to-video): the same again on each
+``CogVideoXBlock``'s joint attention ``attn1`` -- the probe reads ``to_q`` of the *video* tokens
+(before the per-head ``norm_q`` and the rotary embedding, which are not linear / depend on the
+position); the mask lives on the ``(frame, h/p, w/p)`` token grid (``frame`` is a latent frame,
+or ``patch_size_t`` of them on CogVideoX 1.5) and is mapped back to the latent grid ``[F, H, W]``
+by nearest-neighbour upsampling (``video_maps_to_latent``, ``build_video_mask``); re-noising
+acts on ``[B, F, C, H, W]`` latents, with one noise scale per video. Verified as plumbing on a
+tiny random CogVideoX only; nothing about its efficacy has been measured.
 """
 
 from __future__ import annotations
@@ -79,7 +88,8 @@ CUT_MODES = ("mask", "image", "none")
 #: ``"unet"`` -- SD1.x/SDXL UNets, probes on the cross-attention (``attn2``) queries; ``"sd3"`` --
 #: SD3's ``SD3Transformer2DModel``, probes on the image-token queries of its joint attention. Packs
 #: written before the field existed were all UNet packs, so a missing field reads as ``"unet"``.
-DENOISER_FAMILIES = ("unet", "sd3")
+#: ``"cogvideox"`` -- ``CogVideoXTransformer3DModel`` (text-to-video), probes on the video-token queries.
+DENOISER_FAMILIES = ("unet", "sd3", "cogvideox")
 MASK_MODES = ("above_mean", "image")
 
 
@@ -144,6 +154,49 @@ def maps_to_latent(maps: list[torch.Tensor], size: tuple[int, int], mode: str = 
     return (out / len(maps))[:, 0]
 
 
+def video_maps_to_latent(maps: list[torch.Tensor], size: tuple[int, int, int], patch_t: int = 1) -> torch.Tensor:
+    """Average flat per-token maps ``[B, f*h*w]`` of a video DiT at latent ``size`` ``(F, H, W)`` -> [B, F, H, W].
+
+    The tokens are ordered ``(frame, row, column)`` (CogVideoX's patch embedding); each covers
+    ``p x p`` latent pixels of ``patch_t`` latent frames (1, or CogVideoX 1.5's ``patch_size_t``),
+    so ``f = F / patch_t`` and the grid is upsampled by nearest neighbour: every latent voxel takes
+    its token's logit, and max-pooling the mask back onto the token grid (the text cut) returns
+    the same tokens.
+    """
+    frames, height, width = size
+    if frames % patch_t:
+        raise ValueError(f"{frames} latent frames are not a multiple of the temporal patch {patch_t}")
+    out = None
+    for m in maps:
+        ratio = math.sqrt(frames * height * width / (patch_t * m.shape[1]))
+        f, h, w = frames // patch_t, round(height / ratio), round(width / ratio)
+        if f * h * w != m.shape[1]:
+            raise ValueError(f"token map of {m.shape[1]} positions does not tile a {frames}x{height}x{width} latent")
+        up = F.interpolate(m.float().view(-1, 1, f, h, w), size=(frames, height, width), mode="nearest")
+        out = up if out is None else out + up
+    if out is None:
+        raise ValueError("no attention maps captured")
+    return (out / len(maps))[:, 0]
+
+
+def build_video_mask(logits: torch.Tensor, rows: torch.Tensor, dilate: int, mode: str = "above_mean") -> torch.Tensor:
+    """Mask [B, F, 1, H, W] (broadcasts over ``[B, F, C, H, W]`` latents) from logits [B, F, H, W].
+
+    As :func:`build_mask`, with the mean taken over the whole video (the probe was fitted on video
+    means, all frames' tokens together); dilation is spatial, within each frame.
+    """
+    b, f, height, width = logits.shape
+    if mode == "image":
+        mask = torch.ones_like(logits) * rows[:, None, None, None].to(logits.dtype)
+    else:
+        mean = logits.mean(dim=(1, 2, 3), keepdim=True)
+        mask = ((logits > mean) & rows[:, None, None, None]).float()
+    if dilate > 0 and mode != "image":
+        mask = F.max_pool2d(mask.view(b * f, 1, height, width), kernel_size=2 * dilate + 1, stride=1,
+                            padding=dilate).view(b, f, height, width)
+    return (mask > 0)[:, :, None]
+
+
 def build_mask(logits: torch.Tensor, rows: torch.Tensor, dilate: int, mode: str = "above_mean") -> torch.Tensor:
     """Mask [B, 1, H, W] over latched ``rows`` [B] from per-position concept logits [B, H, W].
 
@@ -164,10 +217,14 @@ def build_mask(logits: torch.Tensor, rows: torch.Tensor, dilate: int, mode: str 
 def perturb_latents(
     latents: torch.Tensor, mask: torch.Tensor, strength: float, generator: torch.Generator
 ) -> torch.Tensor:
-    """Re-noise ``latents`` [B, C, H, W] under ``mask`` [B, 1, H, W]; outside it the values are unchanged."""
+    """Re-noise ``latents`` [B, C, H, W] under ``mask`` [B, 1, H, W]; outside it the values are unchanged.
+
+    Video latents ``[B, F, C, H, W]`` take a mask ``[B, F, 1, H, W]``; the noise scale is each
+    video's std over all its frames.
+    """
     noise = torch.randn(latents.shape, generator=generator, device=generator.device, dtype=torch.float32)
     noise = noise.to(latents.device)
-    std = latents.float().std(dim=(1, 2, 3), keepdim=True)
+    std = latents.float().std(dim=tuple(range(1, latents.ndim)), keepdim=True)
     mixed = math.sqrt(1.0 - strength) * latents.float() + math.sqrt(strength) * std * noise
     return torch.where(mask, mixed.to(latents.dtype), latents)
 
@@ -205,12 +262,12 @@ def validate(pack: ConceptPack, where: str) -> None:
     family = hp.get("denoiser_family", "unet")
     if family not in DENOISER_FAMILIES:
         raise PackError(where, "hyperparameters.denoiser_family", f"must be one of {list(DENOISER_FAMILIES)}, got "
-                        f"{family!r}", "re-calibrate the IRECE pack on a UNet (SD1.x/SDXL) or SD3 pipeline")
+                        f"{family!r}", "re-calibrate the IRECE pack on a UNet (SD1.x/SDXL), SD3 or CogVideoX pipeline")
     layers = hp.get("layers")
     if not (isinstance(layers, list) and layers and all(isinstance(x, str) for x in layers)):
         raise PackError(where, "hyperparameters.layers", f"expected a non-empty list of names, got {layers!r}",
                         "re-calibrate; layers name attention processors (UNet: keys ending in attn2.processor; "
-                        "SD3: transformer_blocks.N.attn.processor)")
+                        "SD3: transformer_blocks.N.attn.processor; CogVideoX: transformer_blocks.N.attn1.processor)")
     expected = {f"probe_weight.{i}" for i in range(len(layers))} | {"probe_bias", "gate_threshold"}
     if set(pack.tensors) != expected:
         raise PackError(where, "tensors", f"expected {sorted(expected)}, got {sorted(pack.tensors)}",
