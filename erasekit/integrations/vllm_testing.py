@@ -146,8 +146,14 @@ def vllm_server(
 
 
 def calibrate_packs(job: dict) -> dict[str, str]:
-    """Calibrate LLM packs described by ``job`` (model_dir, out_dir, forget, retain, keywords,
-    packs: {name: [method, hyperparameters]}) with the transformers calibrator; returns paths."""
+    """Calibrate LLM packs described by ``job`` with the transformers calibrator; returns paths.
+
+    ``job``: model_dir, out_dir; text packs from forget, retain, keywords and
+    ``packs: {name: [method, hyperparameters]}``; and image-input packs (a vision-language model)
+    from ``image_packs: {name: [method, hyperparameters, sets]}``, where ``sets`` maps
+    ``forget``/``retain``/``erasure``/``recall`` to examples ``{"text": prompt, "images": [paths]}``
+    that the model's processor turns into model inputs (``calibrate(..., inputs=...)``).
+    """
     from transformers import AutoTokenizer
 
     from erasekit.integrations.transformers_calibrate import calibrate
@@ -155,11 +161,27 @@ def calibrate_packs(job: dict) -> dict[str, str]:
     model = load_hf_lm(job["model_dir"])
     tok = AutoTokenizer.from_pretrained(job["model_dir"])
     out = {}
-    for name, (method, hp) in job["packs"].items():
+    for name, (method, hp) in job.get("packs", {}).items():
         concept = Concept(name, forget=tuple(job["forget"]), retain=tuple(job["retain"]),
                           keywords=tuple(job.get("keywords", ())))
         pack = calibrate(model, concept, method, tokenizer=tok, hyperparameters=hp, progress=False)
         out[name] = str(pack.save_pretrained(Path(job["out_dir"]) / name))
+    if job.get("image_packs"):
+        from PIL import Image
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(job["model_dir"])
+
+        def model_inputs(example: dict) -> dict:
+            images = [Image.open(path).convert("RGB") for path in example.get("images", [])]
+            return dict(processor(text=example["text"], images=images or None, return_tensors="pt"))
+
+        for name, (method, hp, sets) in job["image_packs"].items():
+            inputs = {key: [model_inputs(e) for e in examples] for key, examples in sets.items()}
+            concept = Concept(name, forget=tuple(e["text"] for e in sets["forget"]),
+                              retain=tuple(e["text"] for e in sets["retain"]))
+            pack = calibrate(model, concept, method, inputs=inputs, hyperparameters=hp, progress=False)
+            out[name] = str(pack.save_pretrained(Path(job["out_dir"]) / name))
     return out
 
 
