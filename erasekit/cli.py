@@ -31,6 +31,8 @@ CALIBRATORS = {
     "cgce": "erasekit.integrations.diffusers_calibrate",
     "irece": "erasekit.integrations.diffusers_calibrate",
 }
+#: Methods whose calibration calls a diffusers pipeline, so ``--call KEY=VALUE`` applies to them.
+DIFFUSION_METHODS = ("cgce", "irece")
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -39,11 +41,18 @@ def _cmd_info(args: argparse.Namespace) -> int:
     pack = ConceptPack.from_pretrained(args.pack)
     print(json.dumps(pack.manifest_summary(), indent=2, sort_keys=True))
     print(f"\nOK: {args.pack} is a valid {pack.method} pack for concept {pack.name!r}.", file=sys.stderr)
+    call = pack.hyperparameters.get("call_kwargs")
+    if isinstance(call, dict) and call:  # recorded by `erasekit calibrate --call`: serve with the same settings
+        settings = " ".join(f"{k}={json.dumps(v)}" for k, v in sorted(call.items()))
+        print(f"Calibrated with pipeline call settings: {settings}", file=sys.stderr)
     return 0
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     module_name = CALIBRATORS[args.method]
+    if args.call and args.method not in DIFFUSION_METHODS:
+        raise ErasekitError("--call", args.call[0].partition("=")[0], f"--method {args.method} calibrates a "
+                            "language model, not a diffusers pipeline call", "drop --call, or use --method cgce|irece")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
@@ -103,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--target", default=None, help="refusal text (LLM) or anchor prompt (diffusion)")
     cal.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a method hyperparameter (JSON value), repeatable")
+    cal.add_argument("--call", action="append", default=[], metavar="KEY=VALUE",
+                     help="diffusion (cgce/irece): a pipeline-call argument (JSON scalar) to calibrate under, "
+                          "as the pipeline will be served, e.g. --call num_frames=49; repeatable")
     cal.add_argument("-o", "--output", required=True, help="pack directory to write")
     cal.set_defaults(func=_cmd_calibrate)
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
+import erasekit
 from erasekit.cli import main
 from erasekit.guardrails.pack import ConceptPack
 from erasekit.integrations.diffusers import guard
@@ -34,6 +37,7 @@ def test_calibrate_info_and_guard(saved_pipe, method, capsys):
     assert main(["info", str(out)]) == 0
     assert f'"method": "{method}"' in capsys.readouterr().out
     pack = ConceptPack.from_pretrained(out)
+    assert "call_kwargs" not in pack.hyperparameters  # no --call: nothing recorded, the pack reads as before
     if method == "cgce":
         assert pack.hyperparameters["eta"] == 1.5 and pack.classifier_onnx
     with guard(pipe, [pack]) as g:  # the pack fits the in-memory pipeline it was saved from
@@ -49,3 +53,104 @@ def test_calibrate_rejects_unknown_hyperparameter(saved_pipe, capsys):
     assert code == 2
     assert "learning_rate" in capsys.readouterr().err
     assert not (root / "bad").exists()
+
+
+# ---------------------------------------------------------------- --call: pipeline-call settings
+# The tiny CogVideoX's own defaults (49 frames at 480x720, 50 steps, 226 T5 tokens) are what a
+# user without --call would calibrate under; the tests pass the served settings on the command line.
+VIDEO_CALL = {"num_frames": 8, "height": 16, "width": 16, "num_inference_steps": 2, "max_sequence_length": 16}
+
+
+def _call_args(call: dict) -> list[str]:
+    return [a for k, v in call.items() for a in ("--call", f"{k}={json.dumps(v)}")]
+
+
+@pytest.fixture(scope="module")
+def saved_video(tmp_path_factory):
+    from tests.test_diffusers_pipelines import SHAPES, build_cogvideox
+
+    root = tmp_path_factory.mktemp("cli-video")
+    pipe, _ = build_cogvideox()
+    pipe.save_pretrained(root / "pipe")
+    pipe.set_progress_bar_config(disable=True)
+    (root / "forget.txt").write_text("\n".join(f"a red {s} on a white background" for s in SHAPES) + "\n")
+    (root / "retain.txt").write_text("\n".join(f"a {c} {s} on a white background" for c in ("blue", "green")
+                                               for s in SHAPES) + "\n")
+    return root, pipe
+
+
+def _video_cli(root, method: str, out, *extra: str) -> list[str]:
+    return ["calibrate", "--model", str(root / "pipe"), "--concept", "red", "--forget", str(root / "forget.txt"),
+            "--retain", str(root / "retain.txt"), "--method", method, "--keywords", "red", "-o", str(out), *extra]
+
+
+@pytest.mark.parametrize("method", ["irece", "cgce"])
+def test_calibrate_video_pipeline_with_call_settings(saved_video, method, capsys):
+    root, pipe = saved_video
+    out = root / f"pack-{method}"
+    extra = ["--set", "n_prompts=4", "--set", "n_holdout=4"] if method == "irece" else []
+    assert main(_video_cli(root, method, out, *extra, *_call_args(VIDEO_CALL))) == 0
+    err = capsys.readouterr().err
+    pack = ConceptPack.from_pretrained(out)
+    if method == "irece":
+        # every setting reached the pipeline: 2 steps -> 2 per-step probes and gate thresholds
+        assert pack.hyperparameters["call_kwargs"] == VIDEO_CALL
+        assert pack.hyperparameters["denoiser_family"] == "cogvideox"
+        assert list(pack.tensors["gate_threshold"].shape) == [2]
+    else:
+        # CGCE encodes with the served settings (16 T5 tokens, not 226); steps/CFG do not shape it
+        encode = {k: v for k, v in VIDEO_CALL.items() if k != "num_inference_steps"}
+        assert pack.hyperparameters["call_kwargs"] == encode
+        assert pack.hyperparameters["seq_len"] == 16
+        assert "--call num_inference_steps not used" in err
+    assert main(["info", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["hyperparameters"]["call_kwargs"] == pack.hyperparameters["call_kwargs"]
+    assert "Calibrated with pipeline call settings: " in captured.err and "num_frames=8" in captured.err
+    with erasekit.guard(pipe, [pack]) as g:  # the pack attaches to the pipeline it was calibrated for
+        frames = g("a red star on a white background", erase=["red"], output_type="pt",
+                   generator=torch.Generator().manual_seed(0), **VIDEO_CALL).frames
+    assert frames.shape[0] == 1 and frames.shape[1] > 1
+
+
+@pytest.mark.parametrize(("setting", "says"), [
+    ("num_frame=8", "has no such parameter"),            # typo: the fix lists num_frames
+    ("num_frames=nine", "expects int or null"),          # wrong type
+    ("num_frames=8.5", "expects int or null"),
+    ("use_dynamic_cfg=1", "expects bool"),
+    ("height=[16]", "not a JSON scalar"),
+    ("guidance_scale=NaN", "not a finite number"),
+    ("output_type=pt", "calibration sets this argument itself"),
+    ("timesteps=5", "cannot express"),                   # takes a list
+    ("prompt_embeds=null", "cannot express"),            # a tensor argument
+    ("num_frames", "expected KEY=VALUE"),
+])
+def test_calibrate_rejects_bad_call_setting(saved_video, setting, says, capsys):
+    root, _ = saved_video
+    out = root / "bad"
+    assert main(_video_cli(root, "irece", out, "--call", "height=16", "--call", setting)) == 2
+    err = capsys.readouterr().err
+    key = setting.partition("=")[0]
+    assert "--call" in err and repr(key) in err and says in err and "Fix:" in err
+    if "no such parameter" in says:
+        assert "'num_frames'" in err.split("Fix:")[1]
+    assert not out.exists()
+
+
+def test_call_settings_refused_for_language_model_methods(saved_pipe, capsys):
+    root, _ = saved_pipe
+    code = main(["calibrate", "--model", str(root / "pipe"), "--concept", "red", "--forget", str(root / "forget.txt"),
+                 "--retain", str(root / "retain.txt"), "--method", "kif", "--call", "num_frames=8",
+                 "-o", str(root / "bad-kif")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--call" in err and "'num_frames'" in err and "--method cgce|irece" in err
+
+
+def test_set_cannot_smuggle_call_kwargs(saved_pipe, capsys):
+    root, _ = saved_pipe
+    code = main(["calibrate", "--model", str(root / "pipe"), "--concept", "red", "--forget", str(root / "forget.txt"),
+                 "--retain", str(root / "retain.txt"), "--method", "irece", "--set", 'call_kwargs={"height": 32}',
+                 "-o", str(root / "bad-set")])
+    assert code == 2
+    assert "--call KEY=VALUE" in capsys.readouterr().err

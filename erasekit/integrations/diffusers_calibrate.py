@@ -9,6 +9,11 @@ skip, T5 padding, prompt weighting in a subclass) is calibrated on exactly as it
 from __future__ import annotations
 
 import argparse
+import inspect
+import json
+import sys
+import types
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +28,7 @@ from erasekit.classifiers import cgce
 from erasekit.classifiers.detector import fit_detector
 from erasekit.classifiers.onnx_export import export_detector
 from erasekit.errors import ErasekitError
-from erasekit.guardrails.cli_inputs import concept_from_args, parse_overrides
+from erasekit.guardrails.cli_inputs import concept_from_args, parse_call_settings, parse_overrides
 from erasekit.guardrails.concept import Concept
 from erasekit.guardrails.pack import ConceptPack
 from erasekit.integrations.diffusers import (
@@ -294,19 +299,114 @@ def calibrate(pipe: DiffusionPipeline, concept: Concept, method: str = "cgce", *
     raise ErasekitError("calibrate", "method", f"{method!r} is not a diffusion method", "use 'cgce' or 'irece'")
 
 
+#: Pipeline ``__call__`` arguments calibration sets itself (prompts, batch layout, outputs, seeds):
+#: ``--call`` may not override them.
+RESERVED_CALL_KEYS = frozenset({
+    "prompt", "prompt_2", "prompt_3", "output_type", "return_dict", "generator", "latents",
+    "num_images_per_prompt", "num_videos_per_prompt",
+})
+#: ``--call`` settings CGCE does not pass on: they only steer denoising, and encoding stops at the
+#: first denoiser call (one step, no CFG rows) -- the conditioning CGCE reads does not depend on them.
+CGCE_UNUSED_CALL_KEYS = frozenset({"num_inference_steps", "guidance_scale"})
+_SCALAR_TYPES = (bool, int, float, str, type(None))
+
+
+def _scalar_types(annotation: Any) -> set[type] | None:
+    """The JSON scalar types a parameter annotation admits; ``None`` when it cannot be told."""
+    if annotation is inspect.Parameter.empty or annotation is Any or isinstance(annotation, str):
+        return None
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        out: set[type] = set()
+        for arg in typing.get_args(annotation):
+            inner = _scalar_types(arg)
+            if inner is None:
+                return None
+            out |= inner
+        return out
+    if typing.get_origin(annotation) is typing.Literal:
+        return {type(v) for v in typing.get_args(annotation)}
+    return {annotation} if annotation in _SCALAR_TYPES else set()  # tensors, lists, callbacks, dicts
+
+
+def _admits(allowed: set[type], value: Any) -> bool:
+    if isinstance(value, bool):
+        return bool in allowed
+    if isinstance(value, int):
+        return int in allowed or float in allowed
+    return type(value) in allowed
+
+
+def check_call_settings(pipe: DiffusionPipeline, call: dict[str, Any], option: str = "--call") -> dict[str, Any]:
+    """Check ``--call`` settings against ``type(pipe).__call__``'s named parameters before any work.
+
+    A typo (``num_frame``) or a wrong type (``num_frames=nine``) would otherwise surface as a
+    pipeline error minutes into calibration, or -- worse for a ``**kwargs`` catch-all -- be
+    dropped silently and calibrate a pack for settings the pipeline is not served with. Only named
+    parameters count (diffusers' ``**kwargs`` holds deprecated callbacks). Returns ``call``.
+    """
+    params = {n: p for n, p in inspect.signature(type(pipe).__call__).parameters.items()
+              if n != "self" and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)}
+    try:
+        hints = typing.get_type_hints(type(pipe).__call__)
+    except Exception:  # unresolvable forward references: fall back to the raw annotations
+        hints = {}
+    settable: dict[str, set[type] | None] = {}
+    for name, param in params.items():
+        allowed = _scalar_types(hints.get(name, param.annotation))
+        if allowed is None and param.default not in (inspect.Parameter.empty, None):
+            allowed = {type(param.default), float} if type(param.default) is int else {type(param.default)}
+        settable[name] = allowed
+    # a parameter whose only scalar is None (tensors, lists, callbacks) cannot be set from a command line
+    expressible = {n: a is None or bool(a - {type(None)}) for n, a in settable.items()}
+    choices = sorted(n for n in settable if n not in RESERVED_CALL_KEYS and expressible[n])
+    pipe_name = type(pipe).__name__
+    for key, value in call.items():
+        if key in RESERVED_CALL_KEYS:
+            fix = "put prompts in --forget/--retain" if key.startswith("prompt") else "drop this setting"
+            raise ErasekitError(option, key, "calibration sets this argument itself", fix)
+        if key not in params:
+            raise ErasekitError(option, key, f"{pipe_name}.__call__ has no such parameter", f"use one of {choices}")
+        allowed = settable[key]
+        if not expressible[key]:
+            raise ErasekitError(option, key, f"{pipe_name}.__call__ takes {params[key].annotation} here, which a "
+                                "command-line value cannot express", "drop it, or calibrate from Python "
+                                "(calibrate_irece(call_kwargs=...), calibrate_cgce(encode_kwargs=...))")
+        if allowed is not None and not _admits(allowed, value):
+            names = " or ".join(sorted("null" if t is type(None) else t.__name__ for t in allowed))
+            default = params[key].default
+            example = f", e.g. {option} {key}={json.dumps(default)} (its default)" if isinstance(
+                default, _SCALAR_TYPES[:4]) else ""
+            raise ErasekitError(option, key, f"{pipe_name}.__call__ expects {names}, got {json.dumps(value)}",
+                                f"pass {names}{example}")
+    return call
+
+
 def calibrate_main(args: argparse.Namespace) -> int:
     """CLI entry: load the pipeline directory, calibrate, save the pack."""
     concept = concept_from_args(args)
     if not Path(args.model).is_dir():
         raise ErasekitError("erasekit calibrate", "--model", f"{args.model} is not a directory",
                             "pass a diffusers pipeline directory (pipe.save_pretrained(...))")
+    overrides = parse_overrides(args.set)
+    for name in ("call_kwargs", "encode_kwargs"):
+        if name in overrides:
+            raise ErasekitError("--set", name, "pipeline-call settings are not hyperparameters",
+                                "pass each one as --call KEY=VALUE, e.g. --call num_frames=49")
+    call = parse_call_settings(getattr(args, "call", None) or [])
     pipe = DiffusionPipeline.from_pretrained(args.model, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    overrides = parse_overrides(args.set)
+    call = check_call_settings(pipe, call)
     if args.method == "cgce":
-        pack = calibrate_cgce(pipe, concept, progress=True, **overrides)
+        used = {k: v for k, v in call.items() if k not in CGCE_UNUSED_CALL_KEYS}
+        if len(used) < len(call):
+            print(f"cgce: --call {', '.join(sorted(set(call) - set(used)))} not used (they steer denoising; CGCE "
+                  "reads the conditioning the pipeline builds before its first denoiser call)", file=sys.stderr)
+        pack = calibrate_cgce(pipe, concept, progress=True, encode_kwargs=used, **overrides)
     else:
-        pack = calibrate_irece(pipe, concept, **overrides)
+        used = call
+        pack = calibrate_irece(pipe, concept, call_kwargs=used, **overrides)
+    if used:  # the settings the pack's statistics were measured under: serve the pipeline with the same
+        pack.hyperparameters["call_kwargs"] = dict(sorted(used.items()))
     out = pack.save_pretrained(args.output)
     print(f"wrote {args.method} pack for {concept.name!r} to {out}")
     return 0
