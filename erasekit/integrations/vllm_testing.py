@@ -223,6 +223,42 @@ def worker_erasekit_state(worker: object) -> dict:
             "refused": {int(k): v for k, v in carrier.refused.items()}}
 
 
+def worker_layer_state(worker: object) -> dict:
+    """Where erasekit sits in one vLLM worker, for ``LLM.collective_rpc`` (TP / PP checks).
+
+    Returns the worker's tensor- and pipeline-parallel ranks, the decoder layers that carry an
+    erasekit forward hook (read from the modules themselves, not from erasekit's bookkeeping),
+    the layers this rank does not own (``PPMissingLayer``), whether the embedding hash could be
+    checked on this rank, and :func:`worker_erasekit_state` (``steps_edited`` shows whether
+    this rank's hooks edited anything). Plain ints, lists and bools only.
+    """
+    from vllm.distributed import parallel_state
+
+    from erasekit.integrations.vllm_config import fingerprint_vllm_model
+    from erasekit.integrations.vllm_runtime import find_decoder_layers
+
+    runner = worker.model_runner  # type: ignore[attr-defined]
+    model = runner.get_model() if hasattr(runner, "get_model") else runner.model
+    model_config = runner.vllm_config.model_config
+    architecture = (getattr(model_config.hf_config, "architectures", None) or ["?"])[0]
+    _, has_hash = fingerprint_vllm_model(model, model_config.hf_text_config, architecture)
+    _, layers = find_decoder_layers(model, int(model_config.hf_text_config.num_hidden_layers))
+    hooked = [i for i, layer in enumerate(layers)
+              if any(getattr(h, "__module__", "") == "erasekit.integrations.vllm_runtime"
+                     for h in layer._forward_hooks.values())]
+    state = worker_erasekit_state(worker)
+    state.pop("slots", None)
+    state.pop("refused", None)
+    return {
+        "tp_rank": int(parallel_state.get_tp_group().rank_in_group),
+        "pp_rank": int(parallel_state.get_pp_group().rank_in_group),
+        "hooked_layers": hooked,
+        "missing_layers": [i for i, layer in enumerate(layers) if type(layer).__name__ == "PPMissingLayer"],
+        "embedding_hash_checked": bool(has_hash),
+        **state,
+    }
+
+
 if __name__ == "__main__":
     import sys
 
