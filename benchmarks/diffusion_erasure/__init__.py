@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import itertools
 import json
 import statistics
@@ -95,9 +96,26 @@ def calibrate_packs(world: World, concepts: list[str], n_prompts: int, irece_hp:
                 cg.save_pretrained(path)
         if cgce_hp:
             cg = with_hyperparameters(cg, **cgce_hp)
-        ir = calibrate_irece(world.pipe, concept, call_kwargs=world_call_kwargs(world), **dict(irece_hp or {}))
+        ir = calibrate_irece(world.pipe, irece_concept(world, concept, irece_hp), call_kwargs=world_call_kwargs(world),
+                             **dict(irece_hp or {}))
         out[c] = {"cgce": cg, "irece": ir}
     return out
+
+
+def irece_concept(world: World, concept: Concept, irece_hp: dict[str, Any] | None) -> Concept:
+    """``concept`` with enough retain prompts for IRECE's fit (``n_prompts``) AND its held-out gate negatives.
+
+    The gate's threshold is the ``1 - gate_fpr`` quantile of ``n_holdout`` held-out retain
+    generations; with the CGCE calibration's retain prompts alone (``--calibration-prompts``) a
+    strict ``gate_fpr`` would rest on too few negatives. ``World.retain_prompts`` draws
+    sequentially, so the first prompts are CGCE's own and the rest are further retain prompts.
+    """
+    hp = dict(irece_hp or {})
+    n_fit = int(hp.get("n_prompts", inspect.signature(calibrate_irece).parameters["n_prompts"].default))
+    need = n_fit + int(hp.get("n_holdout") or 2 * n_fit)
+    if len(concept.retain) >= need:
+        return concept
+    return dataclasses.replace(concept, retain=world.retain_prompts(concept.name, need, seed=1))
 
 
 def world_call_kwargs(world: World) -> dict[str, Any]:

@@ -17,12 +17,12 @@ benign prompts); ties -> the stricter gate_fpr, then the smaller n_prompts.
 """
 from common import *
 import dataclasses
-from erasekit.integrations.diffusers_calibrate import record_queries, cross_attention_processors
+from erasekit.integrations.diffusers_calibrate import record_queries, irece_attention_processors
 concepts = sys.argv[1].split(","); NB = int(sys.argv[2]) if len(sys.argv) > 2 else 96
 SEEDS = (100, 200); NS = (48, 96); FPRS = (0.01, 0.005, 0.0025); NH = 800; NMAX = max(NS)
 OUT = Path("/tmp/irece5"); OUT.mkdir(exist_ok=True)
 hp0 = {k: v for k, v in de.tuned_irece_hyperparameters().items() if k not in ("n_holdout", "n_prompts", "gate_fpr")}
-layers = cross_attention_processors(W.pipe); kw = de.world_call_kwargs(W)
+layers = irece_attention_processors(W.pipe); kw = de.world_call_kwargs(W)
 
 def feats(prompts, seed):
     rec = record_queries(W.pipe, prompts, layers, 1.0, seed=seed, **kw)
