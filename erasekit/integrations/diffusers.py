@@ -278,6 +278,9 @@ class _CaptureProcessor:
     by the unconditional branch's (the prompt -- or a learned embedding in it -- stops drawing there).
     """
 
+    #: the inner processor returns ``(tokens_out, text_out)`` (joint attention), not one tensor
+    tuple_output = False
+
     # diffusers filters cross_attention_kwargs by this signature; keep it explicit.
 
     def __init__(self, inner: Any, name: str, guard: DiffusersGuard) -> None:
@@ -289,18 +292,37 @@ class _CaptureProcessor:
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
                  **kwargs: Any) -> torch.Tensor:
         out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        return self._score_and_cut(attn, hidden_states, encoder_hidden_states, out)
+
+    def _score_and_cut(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
+                       out: Any) -> Any:
+        """The IRECE work after the inner processor, shared by every wrapper: score this layer's
+        queries in the decision window, cut the text where an image latched."""
         state = self.guard._current()
         if state is None or encoder_hidden_states is None or state.per_prompt is None:
             return out
-        plan = self.guard._irece_plan(state)
-        for concept, (score, cut) in plan.items():
+        if not self._scores_this_pass(state, hidden_states):
+            return out
+        for concept, (score, cut) in self.guard._irece_plan(state).items():
             if self.name not in concept.layers:
                 continue
             if score:
                 self.guard._capture(state, concept, self.name, attn, hidden_states)
             if cut:
-                out = self.guard._cut(state, concept, out)
+                out = self._cut_output(state, concept, out)
         return out
+
+    def _scores_this_pass(self, state: Any, hidden_states: torch.Tensor) -> bool:
+        return True
+
+    def _cut_output(self, state: Any, concept: Any, out: Any) -> Any:
+        """Cross-attention's output is the text's contribution itself: cut it. Joint attention
+        returns ``(image_or_video_out, text_out)``: cut the image/video tokens' output only."""
+        if not self.tuple_output:
+            return self.guard._cut(state, concept, out)
+        if not isinstance(out, tuple):
+            return out
+        return (self.guard._cut(state, concept, out[0]), *out[1:])
 
 
 class _JointCaptureProcessor(_CaptureProcessor):
@@ -324,6 +346,8 @@ class _JointCaptureProcessor(_CaptureProcessor):
     attention map is materialised, and tokens outside the mask keep the conditional output.
     """
 
+    tuple_output = True
+
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
                  ip_hidden_states: torch.Tensor | None = None, **kwargs: Any) -> Any:
@@ -331,23 +355,13 @@ class _JointCaptureProcessor(_CaptureProcessor):
         # optional ones (IP-adapter processors take them) only when the pipeline gave them.
         extra = {k: v for k, v in (("temb", temb), ("ip_hidden_states", ip_hidden_states)) if v is not None}
         out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **extra, **kwargs)
-        state = self.guard._current()
-        if state is None or encoder_hidden_states is None or state.per_prompt is None:
-            return out
-        if (getattr(self.guard.pipe, "do_classifier_free_guidance", False)
-                and hidden_states.shape[0] != 2 * self.guard._images(state)):
-            # Under CFG only the [uncond, cond] pass is scored and cut; skip-layer guidance's extra
-            # conditional-only pass (``skip_guidance_layers``) would otherwise count twice per step.
-            return out
-        plan = self.guard._irece_plan(state)
-        for concept, (score, cut) in plan.items():
-            if self.name not in concept.layers:
-                continue
-            if score:
-                self.guard._capture(state, concept, self.name, attn, hidden_states)
-            if cut and isinstance(out, tuple):
-                out = (self.guard._cut(state, concept, out[0]), *out[1:])
-        return out
+        return self._score_and_cut(attn, hidden_states, encoder_hidden_states, out)
+
+    def _scores_this_pass(self, state: Any, hidden_states: torch.Tensor) -> bool:
+        # Under CFG only the [uncond, cond] pass is scored and cut; skip-layer guidance's extra
+        # conditional-only pass (``skip_guidance_layers``) would otherwise count twice per step.
+        return not (getattr(self.guard.pipe, "do_classifier_free_guidance", False)
+                    and hidden_states.shape[0] != 2 * self.guard._images(state))
 
 
 class _VideoCaptureProcessor(_CaptureProcessor):
@@ -373,6 +387,8 @@ class _VideoCaptureProcessor(_CaptureProcessor):
     subtracted without materialising the attention maps (see ``_JointCaptureProcessor``).
     """
 
+    tuple_output = True
+
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None,
                  **kwargs: Any) -> Any:
@@ -380,18 +396,7 @@ class _VideoCaptureProcessor(_CaptureProcessor):
         # embedding (CogVideoX 1.5, 5B) must be named here; forwarded only when the pipeline gave one.
         extra = {"image_rotary_emb": image_rotary_emb} if image_rotary_emb is not None else {}
         out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **extra, **kwargs)
-        state = self.guard._current()
-        if state is None or encoder_hidden_states is None or state.per_prompt is None:
-            return out
-        plan = self.guard._irece_plan(state)
-        for concept, (score, cut) in plan.items():
-            if self.name not in concept.layers:
-                continue
-            if score:
-                self.guard._capture(state, concept, self.name, attn, hidden_states)
-            if cut and isinstance(out, tuple):
-                out = (self.guard._cut(state, concept, out[0]), *out[1:])
-        return out
+        return self._score_and_cut(attn, hidden_states, encoder_hidden_states, out)
 
 
 _CAPTURE_PROCESSORS = {"unet": _CaptureProcessor, "sd3": _JointCaptureProcessor, "cogvideox": _VideoCaptureProcessor}
