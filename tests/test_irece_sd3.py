@@ -19,7 +19,6 @@ import pytest
 import torch
 
 from erasekit.errors import PackError
-from erasekit.guardrails.concept import Concept
 from erasekit.guardrails.pack import ConceptPack
 from erasekit.integrations.diffusers import (
     HOOK_NAME,
@@ -30,12 +29,11 @@ from erasekit.integrations.diffusers import (
     irece_attention_processors,
 )
 from erasekit.integrations.diffusers_calibrate import calibrate_irece
-from erasekit.steering import irece as irece_math
 from erasekit.testing import build_tiny_sd_pipeline
-from tests.test_diffusers_pipelines import BLUE, RED, SHAPES, build_sd3
+from tests._irece import OTHER_BLUE, hand_set_gate, red_concept, with_hp
+from tests.test_diffusers_pipelines import BLUE, RED, build_sd3
 
 STEPS = 4
-OTHER_BLUE = "a blue star on a black background"
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +45,7 @@ def sd3():
 
 @pytest.fixture(scope="module")
 def concept():
-    forget = [f"a red {s} on a {b} background" for s in SHAPES for b in ("white", "black", "grey")]
-    retain = [f"a {c} {s} on a {b} background" for c in ("blue", "green") for s in SHAPES
-              for b in ("white", "black", "grey")]
-    return Concept("red", forget=forget, retain=retain, keywords=["red"])
+    return red_concept()
 
 
 @pytest.fixture(scope="module")
@@ -64,25 +59,11 @@ def pack(sd3, concept):
 def gated(sd3, pack):
     """``pack`` with gate thresholds set by the test (see the module docstring)."""
     pipe, kwargs = sd3
-    first: dict[tuple[str, ...], list[float]] = {}
-    with guard(pipe, [pack]) as g:
-        for batch in ((RED, BLUE), (BLUE, OTHER_BLUE)):
-            _run(g, list(batch), kwargs, erase=["red"])
-            first[batch] = g.last_report.irece_gate["red"][0]  # margins at decision step 0, before any latch
-    red, benign = first[(RED, BLUE)][0], max(first[(RED, BLUE)][1], *first[(BLUE, OTHER_BLUE)])
-    assert red > benign + 0.5  # the probe ranks the red image clearly above every benign one
-    step0 = irece_math.calibration_step(int(pack.hyperparameters["decide_start"] * STEPS), STEPS, STEPS)
-    gate = pack.tensors["gate_threshold"] + 1e4  # out of reach, finite so margins stay comparable
-    gate[step0] = pack.tensors["gate_threshold"][step0] + (red + benign) / 2
-    return dataclasses.replace(pack, tensors={**pack.tensors, "gate_threshold": gate}, source=None)
+    return hand_set_gate(pipe, pack, lambda g, prompts: _run(g, prompts, kwargs, erase=["red"]), STEPS)
 
 
 def _run(fn, prompts, kwargs, **extra):
     return fn(prompts, generator=torch.Generator().manual_seed(0), output_type="pt", **kwargs, **extra).images
-
-
-def _with(pack: ConceptPack, **hp) -> ConceptPack:
-    return dataclasses.replace(pack, hyperparameters={**pack.hyperparameters, **hp}, source=None)
 
 
 def test_pack_records_the_family_and_the_joint_attention_layers(sd3, pack, tmp_path):
@@ -134,10 +115,10 @@ def test_text_cut_alone_changes_the_latched_image_through_joint_attention(sd3, g
     under the mask) can change the output; with the cut off too, nothing may change."""
     pipe, kwargs = sd3
     baseline = _run(pipe, [RED, BLUE], kwargs)
-    with guard(pipe, [_with(gated, strength=0.0)]) as g:
+    with guard(pipe, [with_hp(gated, strength=0.0)]) as g:
         cut = _run(g, [RED, BLUE], kwargs, erase=["red"])
         assert g.last_report.irece_latched["red"] == [0]
-    with guard(pipe, [_with(gated, strength=0.0, cut="none")]) as g:
+    with guard(pipe, [with_hp(gated, strength=0.0, cut="none")]) as g:
         neither = _run(g, [RED, BLUE], kwargs, erase=["red"])
         assert g.last_report.irece_latched["red"] == [0]  # latched, but nothing acts
     assert not torch.equal(cut[0], baseline[0]) and torch.equal(cut[1], baseline[1])
@@ -149,7 +130,7 @@ def test_mask_lies_on_the_image_token_grid(sd3, gated):
     of whole patches (mapped back by nearest, not smeared across patch borders)."""
     pipe, kwargs = sd3
     seen: list[torch.Tensor] = []
-    with guard(pipe, [_with(gated, dilate=0)]) as g:
+    with guard(pipe, [with_hp(gated, dilate=0)]) as g:
         original = g._irece_step
 
         def spy(state, step, latents):

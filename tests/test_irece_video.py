@@ -26,7 +26,6 @@ import pytest
 import torch
 
 from erasekit.errors import ErasekitError, PackError
-from erasekit.guardrails.concept import Concept
 from erasekit.guardrails.pack import ConceptPack
 from erasekit.integrations.diffusers import (
     HOOK_NAME,
@@ -37,12 +36,11 @@ from erasekit.integrations.diffusers import (
     irece_attention_processors,
 )
 from erasekit.integrations.diffusers_calibrate import calibrate_irece, record_queries
-from erasekit.steering import irece as irece_math
 from erasekit.testing import build_clip_tokenizer, build_tiny_sd_pipeline
-from tests.test_diffusers_pipelines import BLUE, RED, SHAPES, _clip, _t5, build_cogvideox
+from tests._irece import OTHER_BLUE, hand_set_gate, red_concept, with_hp
+from tests.test_diffusers_pipelines import BLUE, RED, _clip, _t5, build_cogvideox
 
 STEPS = 4
-OTHER_BLUE = "a blue star on a black background"
 LAYERS = ["transformer_blocks.0.attn1.processor", "transformer_blocks.1.attn1.processor"]
 
 
@@ -54,10 +52,7 @@ def _build(**options):
 
 @pytest.fixture(scope="module")
 def concept():
-    forget = [f"a red {s} on a {b} background" for s in SHAPES for b in ("white", "black", "grey")]
-    retain = [f"a {c} {s} on a {b} background" for c in ("blue", "green") for s in SHAPES
-              for b in ("white", "black", "grey")]
-    return Concept("red", forget=forget, retain=retain, keywords=["red"])
+    return red_concept()
 
 
 @pytest.fixture(scope="module")
@@ -79,25 +74,11 @@ def gated(cog, pack):
 
 def _gated(pipe, kwargs, pack: ConceptPack) -> ConceptPack:
     """``pack`` with gate thresholds set by the test (see the module docstring)."""
-    first: dict[tuple[str, ...], list[float]] = {}
-    with guard(pipe, [pack]) as g:
-        for batch in ((RED, BLUE), (BLUE, OTHER_BLUE)):
-            _run(g, list(batch), kwargs, erase=["red"])
-            first[batch] = g.last_report.irece_gate["red"][0]  # margins at decision step 0, before any latch
-    red, benign = first[(RED, BLUE)][0], max(first[(RED, BLUE)][1], *first[(BLUE, OTHER_BLUE)])
-    assert red > benign + 0.5  # the probe ranks the red video clearly above every benign one
-    step0 = irece_math.calibration_step(int(pack.hyperparameters["decide_start"] * STEPS), STEPS, STEPS)
-    gate = pack.tensors["gate_threshold"] + 1e4  # out of reach, finite so margins stay comparable
-    gate[step0] = pack.tensors["gate_threshold"][step0] + (red + benign) / 2
-    return dataclasses.replace(pack, tensors={**pack.tensors, "gate_threshold": gate}, source=None)
+    return hand_set_gate(pipe, pack, lambda g, prompts: _run(g, prompts, kwargs, erase=["red"]), STEPS)
 
 
 def _run(fn, prompts, kwargs, output_type="pt", **extra):
     return fn(prompts, generator=torch.Generator().manual_seed(0), output_type=output_type, **kwargs, **extra).frames
-
-
-def _with(pack: ConceptPack, **hp) -> ConceptPack:
-    return dataclasses.replace(pack, hyperparameters={**pack.hyperparameters, **hp}, source=None)
 
 
 def _spy_masks(g, changed: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
@@ -206,14 +187,14 @@ def test_text_cut_alone_and_renoising_alone_each_change_the_latched_video(cog, g
     the cut off and re-noising on, re-noising alone changes it."""
     pipe, kwargs = cog
     baseline = _run(pipe, [RED, BLUE], kwargs)
-    with guard(pipe, [_with(gated, strength=0.0)]) as g:
+    with guard(pipe, [with_hp(gated, strength=0.0)]) as g:
         cut = _run(g, [RED, BLUE], kwargs, erase=["red"])
         assert g.last_report.irece_latched["red"] == [0]
         assert g.last_report.irece_masked_fraction.get("red", []) == []  # no re-noising happened
-    with guard(pipe, [_with(gated, strength=0.0, cut="none")]) as g:
+    with guard(pipe, [with_hp(gated, strength=0.0, cut="none")]) as g:
         neither = _run(g, [RED, BLUE], kwargs, erase=["red"])
         assert g.last_report.irece_latched["red"] == [0]  # latched, but nothing acts
-    with guard(pipe, [_with(gated, cut="none")]) as g:
+    with guard(pipe, [with_hp(gated, cut="none")]) as g:
         renoised = _run(g, [RED, BLUE], kwargs, erase=["red"])
         assert g.last_report.irece_latched["red"] == [0] and g.last_report.irece_masked_fraction["red"]
     assert not torch.equal(cut[0], baseline[0]) and torch.equal(cut[1], baseline[1])
@@ -226,7 +207,7 @@ def test_mask_lies_on_the_video_token_grid(cog, gated):
     undilated mask is a union of whole patches in each frame, and it may differ between frames."""
     pipe, kwargs = cog
     changed: list[tuple[torch.Tensor, torch.Tensor]] = []
-    with guard(pipe, [_with(gated, dilate=0)]) as g:
+    with guard(pipe, [with_hp(gated, dilate=0)]) as g:
         seen = _spy_masks(g, changed)
         _run(g, [RED, BLUE], kwargs, output_type="latent", erase=["red"])
     assert changed  # re-noising ([B, F, C, H, W] latents) changes exactly the masked voxels, all channels
@@ -240,7 +221,7 @@ def test_mask_lies_on_the_video_token_grid(cog, gated):
         assert torch.equal(patches.amax(dim=(2, 4)), patches.amin(dim=(2, 4)))  # constant on each 2x2 patch
         assert torch.equal(mask[0, :, 0], _expected_mask(maps, 3, 1))  # the right token on the right voxels
     assert any(not torch.equal(mask[0, 0], mask[0, f]) for mask, _ in seen for f in (1, 2))  # frames differ
-    with guard(pipe, [_with(gated, mask="image")]) as g:  # mask mode "image": the whole latched video
+    with guard(pipe, [with_hp(gated, mask="image")]) as g:  # mask mode "image": the whole latched video
         whole = _spy_masks(g)
         _run(g, [RED, BLUE], kwargs, output_type="latent", erase=["red"])
     assert whole and all(mask[0].all() and not mask[1].any() for mask, _ in whole)
@@ -258,7 +239,7 @@ def test_cogvideox_1_5_layout_temporal_patch_and_rotary(concept):
     _assert_probe_consistent(pipe, kwargs, pack)
     gated = _gated(pipe, kwargs, pack)
     baseline = _run(pipe, [RED, BLUE], kwargs)
-    with guard(pipe, [_with(gated, dilate=0)]) as g:
+    with guard(pipe, [with_hp(gated, dilate=0)]) as g:
         seen = _spy_masks(g)
         out = _run(g, [RED, BLUE], kwargs, erase=["red"])
         assert g.last_report.irece_latched["red"] == [0]
@@ -296,7 +277,7 @@ def test_wrong_family_packs_refused_before_anything_attaches(cog, pack, concept)
                                 call_kwargs={"num_inference_steps": 1, "height": 32, "width": 32})
     legacy = dataclasses.replace(unet_pack, hyperparameters={
         k: v for k, v in unet_pack.hyperparameters.items() if k != "denoiser_family"}, source=None)
-    sd3_pack = _with(pack, denoiser_family="sd3")  # what an SD3 pack would declare
+    sd3_pack = with_hp(pack, denoiser_family="sd3")  # what an SD3 pack would declare
     for target, wrong, names in ((pipe, unet_pack, ("'unet'", "'cogvideox'")), (pipe, legacy, ("'unet'", "'cogvideox'")),
                                  (pipe, sd3_pack, ("'sd3'", "'cogvideox'")), (unet_pipe, pack, ("'cogvideox'", "'unet'"))):
         denoiser = target.transformer if target is pipe else target.unet
