@@ -13,24 +13,15 @@ import os
 import pytest
 import torch
 
+from erasekit.testing.tiny_llama import MIXED_BATCH_PROMPTS
+
 pytest.importorskip("vllm")
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-PROMPTS = [
-    "The quick brown fox jumps over",
-    "Once upon a time, in a land",
-    "Harry looked at the castle and",
-    "def add(a, b):\n    return",
-    "The capital of France is",
-    "My favourite colour is",
-    "In 1969 the first men",
-    "Water boils at a temperature of",
-    "She opened the letter and read",
-    "To be or not to be, that",
-]
+PROMPTS = list(MIXED_BATCH_PROMPTS)
 #: One toggle per prompt, in every accepted shape; None = untoggled.
 TOGGLES = [None, ["alpha"], None, "beta", "alpha,beta", None, {"alpha": True}, None, '["beta"]', None]
 MAX_TOKENS = 12

@@ -30,19 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from erasekit.testing.tiny_llama import MIXED_BATCH_PROMPTS
+
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "vllm_parallel.json"
-PROMPTS = [
-    "The quick brown fox jumps over",
-    "Once upon a time, in a land",
-    "Harry looked at the castle and",
-    "def add(a, b):\n    return",
-    "The capital of France is",
-    "My favourite colour is",
-    "In 1969 the first men",
-    "Water boils at a temperature of",
-    "She opened the letter and read",
-    "To be or not to be, that",
-]
+PROMPTS = list(MIXED_BATCH_PROMPTS)
 #: One toggle per prompt (None = untoggled): add_vector on stage 0 (alpha), on stage 1 (beta),
 #: both, the MLLMEraser pack (layers on both stages) and mixes.
 TOGGLES = [None, ["alpha"], None, ["beta"], ["alpha", "beta"], None, ["mllm"], None, ["mllm", "beta"], None]

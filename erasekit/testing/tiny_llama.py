@@ -23,12 +23,28 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTra
 from erasekit.testing._bpe import bytes_to_unicode
 
 __all__ = [
+    "MIXED_BATCH_PROMPTS",
     "TINY_LLAMA_CHAT_TEMPLATE",
     "TINY_LLAMA_SPECIAL_TOKENS",
     "build_tiny_llama",
     "build_tiny_llama_tokenizer",
     "save_tiny_llama",
 ]
+
+#: Ten short, different prompts for mixed-batch checks (one request each, toggles vary per request):
+#: the vLLM tests and the parallel benchmark compare the same requests across engines.
+MIXED_BATCH_PROMPTS: tuple[str, ...] = (
+    "The quick brown fox jumps over",
+    "Once upon a time, in a land",
+    "Harry looked at the castle and",
+    "def add(a, b):\n    return",
+    "The capital of France is",
+    "My favourite colour is",
+    "In 1969 the first men",
+    "Water boils at a temperature of",
+    "She opened the letter and read",
+    "To be or not to be, that",
+)
 
 #: Special tokens, in id order (ids 0..4). Byte b follows at id 5 + b (ids 5..260).
 TINY_LLAMA_SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>")
