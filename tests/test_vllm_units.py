@@ -337,7 +337,7 @@ _PLAN_CASES = {
 def test_fused_layer_plan_equals_group_by_group(case, masked_max, dtype, monkeypatch):
     """Every plan mode reproduces the one-group-at-a-time algorithm bit for bit, and never writes
     rows outside the block it works on. ``gather`` forces the gathered path for unions with gaps."""
-    from erasekit.integrations import vllm_runtime as rt
+    from erasekit.integrations import vllm_edit as rt
 
     if masked_max == "gather":
         monkeypatch.setattr(rt, "_MASKED_MAX_ELEMS", 0)
@@ -502,3 +502,14 @@ def test_decoder_layers_of_a_multimodal_model_come_from_its_language_model():
     plain.get_language_model = None
     with pytest.raises(Exception, match="cannot find one decoder-layer list"):
         find_decoder_layers(plain, 4)
+
+
+def test_edit_module_imports_without_vllm():
+    """The op, the plan and EngineEraser must be importable on a machine with torch but no vLLM."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import erasekit.integrations.vllm_edit as e; "
+            "bad = sorted(m for m in sys.modules if m == 'vllm' or m.startswith('vllm.')); "
+            "assert not bad, bad; assert hasattr(e.torch.ops.erasekit, 'vllm_edit_')")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

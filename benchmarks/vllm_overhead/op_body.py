@@ -65,7 +65,7 @@ def _slots(toggles):
 
 def scenario(name: str, rows: int, d: int, dtype: torch.dtype, iters: int, repeats: int,
              clock=time.thread_time) -> list[float]:
-    from erasekit.integrations.vllm_runtime import EngineEraser
+    from erasekit.integrations.vllm_edit import EngineEraser
     from erasekit.steering.residual import AddVector
 
     g = torch.Generator().manual_seed(0)

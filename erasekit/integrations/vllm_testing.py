@@ -244,7 +244,7 @@ def worker_layer_state(worker: object) -> dict:
     _, has_hash = fingerprint_vllm_model(model, model_config.hf_text_config, architecture)
     _, layers = find_decoder_layers(model, int(model_config.hf_text_config.num_hidden_layers))
     hooked = [i for i, layer in enumerate(layers)
-              if any(getattr(h, "__module__", "") == "erasekit.integrations.vllm_runtime"
+              if any(getattr(h, "__module__", "") == "erasekit.integrations.vllm_edit"
                      for h in layer._forward_hooks.values())]
     state = worker_erasekit_state(worker)
     state.pop("slots", None)
