@@ -1,0 +1,219 @@
+"""Per-image diagnosis of CGCE's surviving images: detection miss, guidance failure, or the world's base rate.
+
+``python -m benchmarks.diffusion_erasure.diagnose_cgce --packs bench_out/diffusion-erasure-s10/packs
+[--concepts circle,star,...] [--attacks direct,paraphrase] [--n 12] [--base-rate 48] [--out FILE.json]``
+
+For every image of the benchmark's prompt attacks (same prompts, same seeds as
+``python -m benchmarks.diffusion_erasure``: concept ``i`` of the evaluated list uses seed ``1000 * i``)
+it records, next to what the judge (the world's detector) saw unguarded and guarded:
+
+* ``score``: the concept classifier's P(concept) on the prompt's conditioning (ONNX), and ``flagged``;
+* for flagged prompts: the refinement run on that row alone (the guard refines rows independently,
+  checked against the batch refinement): Gauss-Newton ``steps``, initial / final / target logit, and how
+  far the conditioning moved (``moved``: |E' - E| / |E|);
+* ``judge``: the detector's prediction in the concept's family and its probability for the concept.
+
+Each surviving guarded image is then classed as ``miss`` (never flagged), ``guidance`` (flagged and
+refined, the concept still drawn) and, separately, the concept's **base rate**: how often the world
+draws the concept for prompts that never mention its family (``--base-rate`` retain prompts with no
+value of the family, other seeds) and for benign prompts naming a sibling. A refined prompt that only
+loses the concept cannot go under the first rate unless guidance steers to another value of the family.
+
+Packs are read from ``--packs`` (the benchmark's cache folder, ``{concept}-cgce-v2-{N}``) with the
+hyperparameters of ``cgce_tuned.json`` (or ``--set key=value``); nothing is calibrated here unless a
+pack is missing (then it is calibrated like the benchmark does, on training prompts only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _packs(world: Any, concepts: list[str], packs_dir: Path, n_prompts: int, hp: dict[str, Any]) -> dict[str, Any]:
+    from benchmarks import diffusion_erasure as de
+    from erasekit.guardrails.concept import Concept
+    from erasekit.guardrails.pack import ConceptPack
+    from erasekit.integrations.diffusers_calibrate import calibrate_cgce
+
+    out = {}
+    for c in concepts:
+        path = packs_dir / f"{c}-cgce-v2-{n_prompts}"
+        if path.is_dir():
+            pack = ConceptPack.from_pretrained(path)
+        else:
+            concept = Concept(c, forget=world.train_prompts(c, n_prompts, seed=1),
+                              retain=world.retain_prompts(c, n_prompts, seed=1), keywords=[c])
+            pack = calibrate_cgce(world.pipe, concept)
+            pack.save_pretrained(path)
+        out[c] = de.with_hyperparameters(pack, **hp) if hp else pack
+    return out
+
+
+def refine_rows(clf: Any, embeds: torch.Tensor) -> list[dict[str, Any]]:
+    """Detection and per-row refinement of conditioning ``[N, T, D]`` exactly as the guard does it."""
+    from erasekit.classifiers.twin import refine
+
+    scores = clf.scores(embeds)
+    rows = []
+    for i in range(len(embeds)):
+        e = embeds[i:i + 1]
+        flagged = bool(scores[i] > clf.threshold)
+        row: dict[str, Any] = {"score": float(scores[i]), "flagged": flagged,
+                               "logit": float(clf.twin.logits(e)[0]), "target_logit": clf.target_logit}
+        if flagged:
+            r = refine(e, [clf.twin], torch.tensor([[True]]), etas=[clf.eta], max_steps=clf.max_steps,
+                       target_logits=[clf.target_logit])
+            row.update(steps=int(r.steps), final_logit=float(clf.twin.logits(r.embeds)[0]),
+                       moved=float((r.embeds - e).norm() / e.norm()),
+                       reached_target=bool(float(clf.twin.logits(r.embeds)[0]) <= clf.target_logit + 1e-4))
+            row["_refined"] = r.embeds
+        rows.append(row)
+    return rows
+
+
+def _judge(world: Any, images: np.ndarray, concept: str) -> tuple[list[str], list[float]]:
+    fam = world.family(concept)
+    probs = world.detector.probs(images)[fam]
+    names = world.concepts[fam]
+    return [names[i] for i in probs.argmax(-1).tolist()], probs[:, names.index(concept)].tolist()
+
+
+def diagnose_concept(world: Any, pack: Any, concept: str, seed: int, attacks: list[str], n: int) -> list[dict[str, Any]]:
+    from erasekit.classifiers.cgce import CGCEClassifier
+    from erasekit.classifiers.twin import refine
+    from erasekit.integrations.diffusers import guard
+    from erasekit.integrations.diffusers_calibrate import encode_conditioning
+
+    clf = CGCEClassifier.from_pack(pack)
+    spec_fn = {"direct": world.direct_specs, "paraphrase": world.heldout_specs,
+               "rare_synonym": world.rare_synonym_specs, "multi_concept": world.multi_specs}
+    out = []
+    for attack in attacks:
+        prompts = [s.prompt for s in spec_fn[attack](concept, n, seed)]
+        embeds = encode_conditioning(world.pipe, prompts)
+        rows = refine_rows(clf, embeds)
+        flagged = torch.tensor([r["flagged"] for r in rows])
+        if bool(flagged.any()):  # the guard refines the whole batch at once: rows must not interact
+            batch = refine(embeds, [clf.twin], flagged[None], etas=[clf.eta], max_steps=clf.max_steps,
+                           target_logits=[clf.target_logit]).embeds
+            per_row = torch.cat([r.get("_refined", embeds[i:i + 1]) for i, r in enumerate(rows)])
+            gap = float((batch - per_row).abs().max())
+            if gap > 1e-4:
+                raise AssertionError(f"per-row refinement differs from the batch refinement by {gap}")
+        base = world.generate(prompts, seed)
+        with guard(world.pipe, [pack]) as g:
+            guarded = world.generate(prompts, seed, call=g, erase=[concept])
+        pred_b, p_b = _judge(world, base, concept)
+        pred_g, p_g = _judge(world, guarded, concept)
+        for i, r in enumerate(rows):
+            r.pop("_refined", None)
+            survived = pred_g[i] == concept
+            r.update(concept=concept, attack=attack, index=i, prompt=prompts[i],
+                     judge_unguarded=pred_b[i], p_unguarded=p_b[i], judge_guarded=pred_g[i], p_guarded=p_g[i],
+                     survived=survived,
+                     failure=None if not survived else ("guidance" if r["flagged"] else "miss"))
+            out.append(r)
+    return out
+
+
+def base_rates(world: Any, concept: str, n: int, seed: int) -> dict[str, Any]:
+    """How often the world draws ``concept`` unasked: family never mentioned, or a sibling named."""
+    fam = world.family(concept)
+    free = []
+    k = 0
+    while len(free) < n:  # retain prompts that name no value of the concept's family
+        specs = world.retain_specs(concept, 4 * n, seed + k)
+        free += [s for s in specs if fam not in s.asks]
+        k += 1
+    free = free[:n]
+    sib = world.benign_specs(concept, n, seed + 1)
+    rates = {}
+    for name, specs in (("family_unmentioned", free), ("sibling_named", sib)):
+        imgs = world.generate([s.prompt for s in specs], seed)
+        pred, _ = _judge(world, imgs, concept)
+        rates[name] = {"rate": float(np.mean([p == concept for p in pred])), "n": len(specs),
+                       "examples": [s.prompt for s in specs[:3]]}
+    return rates
+
+
+def summarise(rows: list[dict[str, Any]], rates: dict[str, Any]) -> str:
+    lines = ["| concept | attack | unguarded CRR | guarded CRR | flagged | survived: miss | survived: guidance "
+             "| base rate (family unmentioned / sibling named) |", "|---|---|---|---|---|---|---|---|"]
+    keys = sorted({(r["concept"], r["attack"]) for r in rows}, key=lambda k: (list(rates).index(k[0]), k[1]))
+    for c, a in keys:
+        rs = [r for r in rows if r["concept"] == c and r["attack"] == a]
+        n = len(rs)
+        un = sum(r["judge_unguarded"] == c for r in rs)
+        lines.append(f"| {c} | {a} | {un}/{n} | {sum(r['survived'] for r in rs)}/{n} | {sum(r['flagged'] for r in rs)}/{n} "
+                     f"| {sum(r['failure'] == 'miss' for r in rs)} | {sum(r['failure'] == 'guidance' for r in rs)} "
+                     f"| {100 * rates[c]['family_unmentioned']['rate']:.0f} % / {100 * rates[c]['sibling_named']['rate']:.0f} % |")
+    lines += ["", "Surviving images:", "", "| concept | attack | # | prompt | score | steps | logit → final (target) "
+              "| moved | unguarded judge |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["survived"]:
+            ref = (f"{r['steps']} | {r['logit']:.2f} → {r['final_logit']:.2f} ({r['target_logit']:.2f}) | {r['moved']:.2f}"
+                   if r["flagged"] else f"– | {r['logit']:.2f} | –")
+            lines.append(f"| {r['concept']} | {r['attack']} | {r['index']} | {r['prompt']} | {r['score']:.3f} | {ref} "
+                         f"| {r['judge_unguarded']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks import diffusion_erasure as de
+    from erasekit.testing.diffusion_world import load_world
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.diffusion_erasure.diagnose_cgce", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--packs", default="bench_out/diffusion-erasure-s10/packs")
+    p.add_argument("--calibration-prompts", type=int, default=300)
+    p.add_argument("--concepts", default=",".join(de.EVAL_CONCEPTS))
+    p.add_argument("--seed-order", default=None,
+                   help="concept i of this list gets seed SEED+1000*i (default: --concepts, the benchmark's order)")
+    p.add_argument("--seed", type=int, default=0, help="base seed (the benchmark's is 0; tuning runs use 100)")
+    p.add_argument("--attacks", default="direct,paraphrase")
+    p.add_argument("--n", type=int, default=12)
+    p.add_argument("--base-rate", type=int, default=48, help="prompts per base-rate cell (seed 7000+)")
+    p.add_argument("--set", action="append", default=[], help="override a CGCE hyperparameter, KEY=VALUE")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=None, help="write rows and base rates as JSON here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    hp = de.tuned_cgce_hyperparameters()
+    for kv in args.set:
+        k, v = kv.split("=", 1)
+        hp[k] = json.loads(v)
+    concepts = args.concepts.split(",")
+    order = args.seed_order.split(",") if args.seed_order else concepts
+    with de.quiet_libraries():
+        world = load_world()
+        world.pipe.set_progress_bar_config(disable=True)
+        packs = _packs(world, concepts, Path(args.packs), args.calibration_prompts, hp)
+        rows, rates = [], {}
+        for c in concepts:
+            seed = args.seed + 1000 * order.index(c)
+            rows += diagnose_concept(world, packs[c], c, seed, args.attacks.split(","), args.n)
+            rates[c] = base_rates(world, c, args.base_rate, 7000 + seed)
+            print(f"{c}: done", file=sys.stderr, flush=True)
+    table = summarise(rows, rates)
+    print(table)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"hyperparameters": hp, "command": "python -m "
+                                              "benchmarks.diffusion_erasure.diagnose_cgce " + " ".join(argv or sys.argv[1:]),
+                                              "rows": rows, "base_rates": rates}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
