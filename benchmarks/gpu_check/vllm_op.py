@@ -1,0 +1,541 @@
+"""Section B: erasekit's vLLM edit op (``torch.ops.erasekit.vllm_edit_``) on the device, torch only.
+
+No vLLM is imported: the op and :class:`EngineEraser` live in a module that imports torch, numpy
+and erasekit only, and are driven here with a fake runner and carrier, as tests/test_vllm_units.py
+does on the CPU.
+
+1. The fused per-layer plan equals the group-by-group reference algorithm bit for bit (every plan
+   case of the unit test, fp32 and bf16, default and forced-gather thresholds).
+2. CUDA graphs, on a toy 2-layer stack with the op after each layer:
+   (a) negative control -- the whole stack, op included, captured while no slot is active, then a
+       slot is activated and the graph replayed: the edit is frozen out (expected), which is why
+       vLLM must split its graph at the op;
+   (b) piecewise -- each layer captured alone on static buffers, the op called eagerly between
+       replays (vLLM's PIECEWISE mode with the op in ``splitting_ops``): slot changes from step to
+       step take effect and every step equals the eager run bit for bit.
+3. Op cost per call (no slot / half the rows toggled), CUDA events and host clock.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import time
+from collections import defaultdict
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.gpu_check.common import Section, log, sync
+
+DEFAULT_MODULE = "erasekit.integrations.vllm_edit"
+SPLIT_MARKER = Path(__file__).resolve().parents[2] / ".split_done"
+
+
+def op_module_name() -> str:
+    """The torch-only module holding the op: named in ``.split_done`` when the split is done."""
+    if SPLIT_MARKER.is_file():
+        text = SPLIT_MARKER.read_text()
+        found = [f"erasekit.integrations.{m}" for m in re.findall(r"erasekit/integrations/(\w+)\.py", text)]
+        found += re.findall(r"(?<![\w.])erasekit\.integrations\.\w+", text)
+        if found:
+            return found[0]
+    return DEFAULT_MODULE
+
+
+# ------------------------------------------------------------------ fake runner / carrier
+class _FakeBatch:
+    def __init__(self, lengths: list[int], computed: list[int], prompt: list[int]) -> None:
+        self.num_reqs = len(lengths)
+        self.num_computed_tokens_cpu = np.array(computed)
+        self.num_prompt_tokens = np.array(prompt)
+
+
+def _fake_runner(lengths: list[int], computed: list[int], prompt: list[int]) -> SimpleNamespace:
+    qsl = np.zeros(len(lengths) + 4, dtype=np.int32)
+    qsl[1 : len(lengths) + 1] = np.cumsum(lengths)
+    qsl[len(lengths) + 1 :] = qsl[len(lengths)]
+    return SimpleNamespace(
+        input_batch=_FakeBatch(lengths, computed, prompt), query_start_loc=SimpleNamespace(np=qsl)
+    )
+
+
+def _carrier(slots: dict[int, frozenset[str]]) -> SimpleNamespace:
+    failed: list[list[int]] = []
+    return SimpleNamespace(
+        slots=slots,
+        refused={},
+        errors=0,
+        version=0,
+        fail_slots=failed.append,
+        failed=failed,
+        requests_guarded=0,
+    )
+
+
+# ------------------------------------------------------------------ reference (copy of the unit test's)
+def _reference_edit(
+    edits: dict,
+    slots: dict,
+    lengths: list[int],
+    computed: list[int],
+    prompt: list[int],
+    layer: int,
+    hidden: torch.Tensor,
+    residual: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """tests/test_vllm_units.py::_reference_edit with its index tensors on ``hidden``'s device:
+    per (concept, phase) in name order, gather that group's rows, edit ``hidden + residual`` with
+    the group's own layout, write back ``(new, 0)``."""
+    from erasekit.steering.residual import Phase, TokenLayout
+
+    dev = hidden.device
+    qsl = np.concatenate([[0], np.cumsum(lengths)])
+    groups: dict = defaultdict(list)
+    for slot, concepts in slots.items():
+        start, end = int(qsl[slot]), int(qsl[slot + 1])
+        n_prefill = min(max(prompt[slot] - computed[slot], 0), end - start)
+        parts = [(Phase.PREFILL, start, start + n_prefill), (Phase.DECODE, start + n_prefill, end)]
+        for c in concepts:
+            for phase, a, b in parts:
+                if b > a and phase in edits[c].phases:
+                    groups[(c, phase)].append((a, b))
+    h, r = hidden.clone(), residual.clone()
+    for c, phase in sorted(groups, key=lambda g: (g[0], g[1].value)):
+        if layer not in edits[c].layers:
+            continue
+        segs = sorted(groups[(c, phase)])
+        idx = torch.cat([torch.arange(a, b) for a, b in segs]).to(dev)
+        sub_qsl = torch.tensor([0] + np.cumsum([b - a for a, b in segs]).tolist(), device=dev)
+        new = edits[c].edit(
+            layer,
+            h[idx] + r[idx],
+            TokenLayout.from_query_start_loc(sub_qsl),
+            torch.ones(len(idx), dtype=torch.bool, device=dev),
+            phase,
+        )
+        h[idx] = new.to(h.dtype)
+        r[idx] = 0
+    return h, r
+
+
+def _method_edits(d: int, dtype: torch.dtype, device: torch.device, cast_all: bool = False) -> dict:
+    """tests/test_vllm_units.py::_method_edits, moved to ``device`` (and every edit to ``dtype``
+    with ``cast_all``, as the vLLM plugin's install does)."""
+    from erasekit.steering.kif import KIFEdit
+    from erasekit.steering.mllmeraser import MLLMEraserEdit
+    from erasekit.steering.residual import AddVector, Phase
+
+    g = torch.Generator().manual_seed(0)
+    kif_t = {
+        "mean": torch.randn(2, d, generator=g),
+        "scale": torch.rand(2, d, generator=g) + 0.5,
+        "signature_z": torch.randn(2, d, generator=g),
+        "directions": torch.randn(2, 3, d, generator=g),
+        "gate_mu": torch.zeros(2),
+        "gate_sigma": torch.ones(2),
+        "refusal": torch.randn(2, d, generator=g),
+        "residual_norm": torch.ones(2),
+    }
+    hp = {
+        "suppression": 0.8,
+        "gate_k": 1.6,
+        "gate_tau": -1.0,
+        "center": True,
+        "refusal_strength": 0.5,
+        "phases": ["prefill", "decode"],
+    }
+    edits = {
+        "a": AddVector(
+            "a", {0: torch.randn(d, generator=g).to(dtype), 1: torch.randn(d, generator=g).to(dtype)}
+        ),
+        "b": AddVector("b", {1: torch.randn(d, generator=g).to(dtype)}),
+        "k": KIFEdit("k", (0, 1), kif_t, hp),
+        "m": MLLMEraserEdit(
+            "m", (0, 1), torch.randn(2, d, generator=g), torch.randn(2, d, generator=g), -0.3
+        ),
+        "p": AddVector("p", {0: torch.randn(d, generator=g).to(dtype)}, frozenset({Phase.PREFILL})),
+    }
+    return {k: e.to(device, dtype if cast_all else None) for k, e in edits.items()}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """Bit pattern with zeros' sign made positive (see the unit test's _bits)."""
+    canonical = t + 0.0
+    return canonical.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
+
+
+#: (lengths, computed, prompt, slots): the unit test's _PLAN_CASES
+PLAN_CASES = {
+    "mixed": (
+        [1, 3, 3, 1, 2],
+        [5, 0, 3, 7, 0],
+        [4, 3, 5, 2, 2],
+        {0: frozenset("ak"), 1: frozenset("ap"), 2: frozenset("abkmp"), 4: frozenset("bm")},
+    ),
+    "decode_half": (
+        [1] * 16,
+        [9] * 16,
+        [4] * 16,
+        {i: frozenset("ak" if i % 4 == 1 else "abk") for i in range(1, 16, 2)},
+    ),
+    "decode_half_constant": (
+        [1] * 16,
+        [9] * 16,
+        [4] * 16,
+        {i: frozenset("a" if i % 4 == 1 else "ab") for i in range(1, 16, 2)},
+    ),
+    "decode_all": ([1] * 8, [9] * 8, [4] * 8, {i: frozenset("abk" if i % 2 else "ak") for i in range(8)}),
+    "long_prefill": (
+        [200, 150, 1, 120],
+        [0, 0, 9, 0],
+        [200, 150, 3, 120],
+        {0: frozenset("akm"), 1: frozenset("bp"), 3: frozenset("abkmp")},
+    ),
+    "long_contiguous": (
+        [200, 150, 120],
+        [0, 0, 0],
+        [200, 150, 120],
+        {0: frozenset("akm"), 1: frozenset("bp"), 2: frozenset("abkmp")},
+    ),
+}
+
+
+def _fused_vs_reference(sec: Section, rt: Any, device: torch.device) -> None:
+    d = 16
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for masked_max in ("default", "gather"):
+            saved = (rt._MASKED_MAX_ELEMS, rt._MASKED_MAX_ROWS)
+            if masked_max == "gather":
+                rt._MASKED_MAX_ELEMS, rt._MASKED_MAX_ROWS = 0, 0
+            try:
+                for case, (lengths, computed, prompt, slots) in sorted(PLAN_CASES.items()):
+                    edits = _method_edits(d, dtype, device)
+                    carrier = _carrier(slots)
+                    eraser = rt.EngineEraser(_fake_runner(lengths, computed, prompt), carrier, edits, [0, 1])
+                    n = sum(lengths) + 3
+                    g = torch.Generator().manual_seed(1)
+                    hidden = torch.randn(n, d, generator=g).to(device, dtype)
+                    residual = torch.randn(n, d, generator=g).to(device, dtype)
+                    h, r = hidden.clone(), residual.clone()
+                    want_h, want_r = hidden, residual
+                    ok = True
+                    for layer in (0, 1):
+                        torch.ops.erasekit.vllm_edit_(h, r, layer, eraser.key)
+                        want_h, want_r = _reference_edit(
+                            edits, slots, lengths, computed, prompt, layer, want_h, want_r
+                        )
+                        ok &= torch.equal(_bits(h), _bits(want_h)) and torch.equal(_bits(r), _bits(want_r))
+                    modes = sorted({lp.mode for lp in eraser.plan.layers.values()})
+                    edited = bool((want_h != hidden).any())
+                    padding_untouched = torch.equal(h[sum(lengths) :], hidden[sum(lengths) :])
+                    good = (
+                        ok
+                        and not carrier.failed
+                        and edited
+                        and padding_untouched
+                        and eraser.steps_edited == 1
+                    )
+                    results.append(good)
+                    if not good:
+                        sec.check(
+                            f"fused plan == reference [{case}, {masked_max}, {dtype}]",
+                            False,
+                            "bit-identical",
+                            bit_identical=ok,
+                            failed_slots=carrier.failed,
+                            edited=edited,
+                            padding_untouched=padding_untouched,
+                            modes=modes,
+                        )
+            finally:
+                rt._MASKED_MAX_ELEMS, rt._MASKED_MAX_ROWS = saved
+    sec.check(
+        f"fused plan == group-by-group reference bit for bit on {device.type} "
+        f"({len(PLAN_CASES)} cases x fp32/bf16 x default/gather)",
+        all(results) and bool(results),
+        "all bit-identical",
+        cases_passed=sum(results),
+        cases=len(results),
+    )
+
+
+# ------------------------------------------------------------------ CUDA graphs
+class _Stack:
+    """Two toy "decoder layers" returning (hidden, residual) like vLLM's, with the op after each."""
+
+    def __init__(self, d: int, dtype: torch.dtype, device: torch.device) -> None:
+        g = torch.Generator().manual_seed(3)
+        self.w = [(torch.randn(d, d, generator=g) / d**0.5).to(device, dtype) for _ in range(2)]
+
+    def layer(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.tanh(x @ self.w[i]), x * 1.0
+
+    def full(self, x: torch.Tensor, key: int) -> torch.Tensor:
+        h, r = self.layer(0, x)
+        torch.ops.erasekit.vllm_edit_(h, r, 0, key)
+        h, r = self.layer(1, h + r)
+        torch.ops.erasekit.vllm_edit_(h, r, 1, key)
+        return h + r
+
+
+#: the steps of the graph experiment: all-decode batches of 8 rows (padded), slots changing per step
+GRAPH_STEPS: list[tuple[int, dict[int, frozenset[str]]]] = [
+    (8, {}),
+    (8, {1: frozenset("a"), 3: frozenset("ak")}),
+    (8, {0: frozenset("k"), 2: frozenset("abk"), 5: frozenset("b")}),
+    (6, {4: frozenset("ak")}),  # 6 requests in a graph of 8 rows: 2 padding rows
+    (8, {i: frozenset("a") for i in range(8)}),
+    (8, {}),
+]
+
+
+def _graph_checks(sec: Section, rt: Any, device: torch.device, dtype: torch.dtype) -> None:
+    label = str(dtype).removeprefix("torch.")
+    d, rows = 64, 8
+    stack = _Stack(d, dtype, device)
+    edits = _method_edits(d, dtype, device, cast_all=True)
+    runner = _fake_runner([1] * rows, [9] * rows, [4] * rows)
+    carrier = _carrier({})
+    eraser = rt.EngineEraser(runner, carrier, edits, [0, 1])
+    key = eraser.key
+    g = torch.Generator().manual_seed(5)
+    inputs = [torch.randn(rows, d, generator=g).to(device, dtype) for _ in GRAPH_STEPS]
+
+    def set_step(n_reqs: int, slots: dict[int, frozenset[str]]) -> None:
+        new = _fake_runner([1] * n_reqs, [9] * n_reqs, [4] * n_reqs)
+        runner.input_batch, runner.query_start_loc = new.input_batch, new.query_start_loc
+        carrier.slots = dict(slots)
+        carrier.version += 1
+
+    # eager references, with and without the slots
+    eager, plain = [], []
+    for (n_reqs, slots), x in zip(GRAPH_STEPS, inputs, strict=True):
+        set_step(n_reqs, slots)
+        eager.append(stack.full(x.clone(), key))
+        set_step(n_reqs, {})
+        plain.append(stack.full(x.clone(), key))
+    sync(device)
+    active_steps = [i for i, (_, s) in enumerate(GRAPH_STEPS) if s]
+    sec.check(
+        f"graphs {label}: eager steps with slots differ from eager without",
+        all(not torch.equal(eager[i], plain[i]) for i in active_steps),
+        "differ",
+        steps=len(active_steps),
+    )
+
+    cuda = device.type == "cuda"
+    if not cuda:
+        sec.note(
+            f"graphs {label}: no CUDA on {device}: the whole-graph negative control is skipped and the "
+            "piecewise run below replays eager pieces into static buffers (plumbing only, no CUDA graph)"
+        )
+
+    # (a) whole stack captured with the op inside while no slot is active
+    if cuda:
+        set_step(rows, {})
+        static_x = inputs[0].clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                stack.full(static_x, key)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = stack.full(static_x, key)
+        frozen, missed = [], []
+        for i, ((n_reqs, slots), x) in enumerate(zip(GRAPH_STEPS, inputs, strict=True)):
+            set_step(n_reqs, slots)
+            static_x.copy_(x)
+            graph.replay()
+            sync(device)
+            frozen.append(torch.equal(static_out, plain[i]))
+            if slots:
+                missed.append(not torch.equal(static_out, eager[i]))
+        result = "frozen" if all(frozen) and all(missed) else "not frozen"
+        sec.check(
+            f"graphs {label}: (a) whole-stack capture incl. the op, slot activated after capture "
+            "(negative control)",
+            result == "frozen",
+            "frozen (edit baked out: vLLM must split at the op)",
+            result=result,
+            replays_equal_unedited=f"{sum(frozen)}/{len(frozen)}",
+            active_steps_missing_edit=f"{sum(missed)}/{len(missed)}",
+        )
+
+    # (b) piecewise: each layer captured alone, the op eager in between
+    set_step(rows, {})
+    static_x = inputs[0].clone()
+    if cuda:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                h1, r1 = stack.layer(0, static_x)
+                stack.layer(1, h1 + r1)
+        torch.cuda.current_stream().wait_stream(side)
+        g1, g2 = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(g1, pool=pool):
+            h1s, r1s = stack.layer(0, static_x)
+        with torch.cuda.graph(g2, pool=pool):
+            h2s, r2s = stack.layer(1, h1s + r1s)
+        replay1, replay2 = g1.replay, g2.replay
+    else:
+        h1s, r1s = stack.layer(0, static_x)
+        h2s, r2s = stack.layer(1, h1s + r1s)
+
+        def replay1() -> None:
+            h, r = stack.layer(0, static_x)
+            h1s.copy_(h)
+            r1s.copy_(r)
+
+        def replay2() -> None:
+            h, r = stack.layer(1, h1s + r1s)
+            h2s.copy_(h)
+            r2s.copy_(r)
+
+    same, took_effect = [], []
+    for i, ((n_reqs, slots), x) in enumerate(zip(GRAPH_STEPS, inputs, strict=True)):
+        set_step(n_reqs, slots)
+        static_x.copy_(x)
+        replay1()
+        torch.ops.erasekit.vllm_edit_(h1s, r1s, 0, key)
+        replay2()
+        torch.ops.erasekit.vllm_edit_(h2s, r2s, 1, key)
+        out = h2s + r2s
+        sync(device)
+        same.append(torch.equal(_bits(out), _bits(eager[i])))
+        if slots:
+            took_effect.append(not torch.equal(out, plain[i]))
+    mode = "CUDA graphs" if cuda else "emulated (no CUDA)"
+    sec.check(
+        f"graphs {label}: (b) piecewise ({mode}), op eager between replays: every step == eager bit for bit",
+        all(same),
+        "bit-identical",
+        steps_identical=f"{sum(same)}/{len(same)}",
+    )
+    sec.check(
+        f"graphs {label}: (b) piecewise: per-step slot changes take effect",
+        all(took_effect),
+        "all edited",
+        active_steps_edited=f"{sum(took_effect)}/{len(took_effect)}",
+        failed_slots=carrier.failed,
+    )
+
+
+# ------------------------------------------------------------------ op timing
+def _time_op(
+    rt: Any,
+    device: torch.device,
+    rows: int,
+    d: int,
+    dtype: torch.dtype,
+    label: str,
+    slots: dict[int, frozenset[str]],
+    bump: bool,
+    calls: int,
+) -> dict[str, Any]:
+    """One op-timing case: ``calls`` steps of two hooked layers on a decode batch of ``rows``."""
+    cuda = device.type == "cuda"
+    edits = _method_edits(d, dtype, device, cast_all=True)
+    edits = {k: edits[k] for k in ("a", "k")}  # a constant vector and KIF, layers 0 and 1
+    runner = _fake_runner([1] * rows, [9] * rows, [4] * rows)
+    carrier = _carrier(dict(slots))
+    eraser = rt.EngineEraser(runner, carrier, edits, [0, 1])
+    h = torch.randn(rows, d, device=device, dtype=dtype) * 0.1
+    r = torch.randn(rows, d, device=device, dtype=dtype) * 0.1
+    op, key = torch.ops.erasekit.vllm_edit_, eraser.key
+
+    def step() -> None:
+        if bump:
+            carrier.version += 1
+        op(h, r, 0, key)
+        op(h, r, 1, key)
+
+    for _ in range(5):
+        step()
+    sync(device)
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        step()
+    host_s = time.perf_counter() - t0
+    if cuda:
+        end.record()
+    sync(device)
+    total_s = time.perf_counter() - t0
+    row = {
+        "rows": rows,
+        "d": d,
+        "dtype": str(dtype).removeprefix("torch."),
+        "case": label,
+        "us_per_call_host_enqueue": round(host_s / (2 * calls) * 1e6, 2),
+        "us_per_call_wall_synced": round(total_s / (2 * calls) * 1e6, 2),
+        "failed_slots": len(carrier.failed),
+        **{
+            k: v for k, v in eraser.stats().items() if k in ("plans_checked", "plans_built", "plans_recalled")
+        },
+    }
+    if cuda:
+        row["us_per_call_cuda_events"] = round(start.elapsed_time(end) * 1e3 / (2 * calls), 2)
+    return row
+
+
+def _op_timing(sec: Section, rt: Any, device: torch.device, quick: bool) -> None:
+    configs = [(16, 576, torch.bfloat16), (256, 4096, torch.bfloat16), (256, 4096, torch.float32)]
+    if quick:
+        configs = configs[:1]
+    calls = 50 if quick else 300
+    out = []
+    for rows, d, dtype in configs:
+        half = {i: frozenset("ak" if i % 4 == 1 else "a") for i in range(1, rows, 2)}
+        for label, slots, bump in (
+            ("no_slot", {}, False),
+            ("half_toggled", half, False),
+            ("half_toggled_batch_changed_every_step", half, True),
+        ):
+            row = _time_op(rt, device, rows, d, dtype, label, slots, bump, calls)
+            out.append(row)
+            log(f"  B: op timing {row}")
+    sec.report("op timing per call (2 hooked layers per step, calls = steps x 2)", out)
+    sec.check("op timing ran without failed slots", all(r["failed_slots"] == 0 for r in out), "0 failed")
+
+
+def run(sec: Section, device: torch.device, quick: bool) -> None:
+    name = op_module_name()
+    sec.report("op module", name)
+    sec.report("split marker present", SPLIT_MARKER.is_file())
+    import subprocess
+    import sys
+
+    # in a fresh interpreter where ``import vllm`` fails: the module must not need it
+    code = (
+        f"import sys; sys.modules['vllm'] = None; import {name}; import torch; torch.ops.erasekit.vllm_edit_"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=str(Path(__file__).resolve().parents[2]),
+    )
+    sec.check(
+        "op module imports with vllm blocked (fresh interpreter)",
+        proc.returncode == 0,
+        "exit 0",
+        returncode=proc.returncode,
+        stderr_tail=proc.stderr[-400:],
+    )
+    rt = importlib.import_module(name)
+    sec.guarded("fused plan vs reference", lambda: _fused_vs_reference(sec, rt, device))
+    for dtype in (torch.float32, torch.bfloat16):
+        sec.guarded(f"cuda graphs {dtype}", lambda dtype=dtype: _graph_checks(sec, rt, device, dtype))
+    sec.guarded("op timing", lambda: _op_timing(sec, rt, device, quick))
