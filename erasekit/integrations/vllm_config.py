@@ -45,6 +45,12 @@ HOOK_VERSION = 1
 ROUTED_OUT_KEY = "_erasekit_routed_out"
 #: Salt prefix, so an erasekit salt can never collide with a client-chosen one.
 SALT_PREFIX = "erasekit:"
+#: The op erasekit's layer hooks call, spelt the way vLLM's ``compilation_config.splitting_ops``
+#: names ops. It must run outside CUDA graphs: its body reads the live slot table every step.
+EDIT_OP = "erasekit::vllm_edit_"
+#: What a refusal below suggests instead (every option keeps the op out of CUDA graphs).
+_GRAPH_FIX = ('leave compilation_config.cudagraph_mode unset (erasekit then uses PIECEWISE graphs with its op '
+              'between the pieces) or set it to "PIECEWISE", or set it to "NONE", or serve with enforce_eager=True')
 
 
 @dataclass(frozen=True)
@@ -189,3 +195,90 @@ def check_packs(packs: Mapping[str, ConceptPack], actual: ModelFingerprint, has_
         if not has_hash:
             expected = ModelFingerprint(**{**expected.to_dict(), "embedding_sha256": ""})
         expected.check_matches(actual, str(pack.source or f"pack {pack.name!r}"))
+
+
+# ------------------------------------------------------------------------------ CUDA graphs
+def make_cudagraph_safe(vllm_config: Any, requested_mode: Any = None, requested_splitting_ops: Any = None) -> list[str]:
+    """Keep :data:`EDIT_OP` out of CUDA graphs (front end, after vLLM resolved its config).
+
+    A CUDA graph records the kernels the op launched at capture and replays them: the op's
+    Python body, which decides from the live slot table which rows to edit, would never run
+    again, so steering would be stuck on the capture-time rows (or always off). vLLM's
+    piecewise graphs leave the ``splitting_ops`` outside the graphs and run them eagerly every
+    step, so erasekit needs piecewise graphs only, with its op among the splitting ops.
+
+    ``requested_*`` are what the operator set in ``compilation_config`` before vLLM filled in
+    its defaults (``None``: unset). Nothing changes when no CUDA graph will be captured (vLLM
+    resolved ``cudagraph_mode`` to ``NONE``: ``enforce_eager``, CPU, platforms without graph
+    support). vLLM's default ``FULL_AND_PIECEWISE`` becomes ``PIECEWISE``; any full-graph mode
+    the operator asked for, or one vLLM cannot split, is refused (``PolicyError`` naming the
+    field). ``vllm_config`` is changed in place before the engine starts, so every process
+    receives the same configuration and the compile-cache key covers it. Returns the changes.
+    """
+    import vllm.envs as envs
+    from vllm.config import CompilationMode, CUDAGraphMode
+
+    cc = vllm_config.compilation_config
+    mode = cc.cudagraph_mode
+    if mode is None or mode == CUDAGraphMode.NONE:
+        return []
+    where = "vLLM engine"
+    frozen = "erasekit's edit op would run once at capture and be replayed frozen (steering stuck on the " \
+             "capture-time batch)"
+    if envs.VLLM_USE_BREAKABLE_CUDAGRAPH:
+        raise PolicyError(where, "VLLM_USE_BREAKABLE_CUDAGRAPH", "breakable CUDA graphs break only at vLLM's own "
+                          f"attention and KV-cache ops, so {frozen}", "set VLLM_USE_BREAKABLE_CUDAGRAPH=0 (erasekit "
+                          f"then uses piecewise graphs with its op between the pieces), or {_GRAPH_FIX}")
+    if mode.has_full_cudagraphs():
+        if requested_mode is not None:
+            raise PolicyError(where, "compilation_config.cudagraph_mode", f"{mode.name} (set in the configuration) "
+                              f"captures full-model CUDA graphs, so {frozen}", _GRAPH_FIX)
+        if cc.mode != CompilationMode.VLLM_COMPILE:
+            raise PolicyError(where, "compilation_config.mode", f"CUDA graphs are on ({mode.name}) but compilation "
+                              f"mode {cc.mode.name} cannot split the model into pieces, so the graphs are full and "
+                              f"{frozen}", "leave compilation_config.mode unset (VLLM_COMPILE), or set "
+                              'compilation_config.cudagraph_mode to "NONE", or serve with enforce_eager=True')
+        if not cc.splitting_ops_contain_attention():
+            field = "compilation_config.splitting_ops"
+            if requested_splitting_ops is None and cc.pass_config.fuse_attn_quant:
+                field = "compilation_config.pass_config.fuse_attn_quant"
+            raise PolicyError(where, field, f"vLLM's attention ops are not splitting ops here, so vLLM captures full "
+                              f"CUDA graphs ({mode.name}) and {frozen}", "leave splitting_ops unset (erasekit adds its "
+                              "op to vLLM's defaults) and fuse_attn_quant off, or set "
+                              'compilation_config.cudagraph_mode to "NONE", or serve with enforce_eager=True')
+        if mode != CUDAGraphMode.FULL_AND_PIECEWISE:  # vLLM's own choice for this model (e.g. encoder-decoder)
+            raise PolicyError(where, "compilation_config.cudagraph_mode", f"vLLM chose {mode.name} for this model, "
+                              f"which captures full-model CUDA graphs, so {frozen}",
+                              'set compilation_config.cudagraph_mode to "NONE", or serve with enforce_eager=True')
+    changes = []
+    if mode != CUDAGraphMode.PIECEWISE:
+        cc.cudagraph_mode = CUDAGraphMode.PIECEWISE
+        changes.append(f"compilation_config.cudagraph_mode {mode.name} -> PIECEWISE")
+    if EDIT_OP not in (cc.splitting_ops or []):
+        cc.splitting_ops = [*(cc.splitting_ops or []), EDIT_OP]
+        changes.append(f"{EDIT_OP!r} appended to compilation_config.splitting_ops")
+    check_cudagraph_safe(vllm_config)
+    return changes
+
+
+def check_cudagraph_safe(vllm_config: Any, where: str = "vLLM engine") -> None:
+    """Refuse a resolved configuration whose CUDA graphs would capture :data:`EDIT_OP`.
+
+    The worker calls this before loading the model, for engines whose configuration did not
+    go through :func:`make_cudagraph_safe` (a ``VllmConfig`` built without ``EngineArgs``).
+    """
+    import vllm.envs as envs
+    from vllm.config import CompilationMode, CUDAGraphMode
+
+    cc = vllm_config.compilation_config
+    mode = cc.cudagraph_mode
+    if mode is None or mode == CUDAGraphMode.NONE:
+        return
+    if (envs.VLLM_USE_BREAKABLE_CUDAGRAPH or mode != CUDAGraphMode.PIECEWISE
+            or cc.mode != CompilationMode.VLLM_COMPILE or EDIT_OP not in (cc.splitting_ops or [])):
+        raise PolicyError(where, "compilation_config.cudagraph_mode", f"CUDA graphs {mode.name} (compilation mode "
+                          f"{cc.mode.name}, {EDIT_OP!r} {'' if EDIT_OP in (cc.splitting_ops or []) else 'not '}"
+                          "among splitting_ops) would capture erasekit's edit op and replay it frozen; this "
+                          "configuration did not go through erasekit's start-up check", "build the engine with "
+                          f"EngineArgs / LLM / vllm serve (erasekit then picks PIECEWISE with {EDIT_OP!r} split "
+                          f"out), or {_GRAPH_FIX}")

@@ -7,14 +7,18 @@ unless the engine is configured (``ERASEKIT_CONFIG`` or ``additional_config["era
 * ``EngineArgs.create_engine_config`` (front end): loads and validates the policy and every
   pack *before* the engine starts, copies the configuration into ``additional_config`` (so it
   reaches every process and enters the compile-cache key) and adds erasekit's logits
-  processor, which carries per-request toggles into the worker. A bad policy, a missing pack
-  or an unsupported engine mode raises here: vLLM exits non-zero, never serves half-guarded.
+  processor, which carries per-request toggles into the worker. Where CUDA graphs are on, it
+  keeps the edit op out of them (``PIECEWISE`` graphs, the op among ``splitting_ops``: see
+  :func:`~erasekit.integrations.vllm_config.make_cudagraph_safe`). A bad policy, a missing
+  pack or an unsupported engine mode raises here: vLLM exits non-zero, never serves
+  half-guarded.
 * ``InputProcessor.process_inputs`` (front end): checks each request's toggles against the
   policy (``VLLMValidationError`` → HTTP 400 naming ``erase``) and sets the request's
   ``cache_salt`` from its active concept set, so prefix-cached KV never crosses concept sets.
-* ``{CPU,GPU}ModelRunner.load_model`` (worker): after the weights load and before warm-up
-  and compilation, checks every pack's fingerprint against the served model and attaches the
-  hooks (:mod:`erasekit.integrations.vllm_runtime`).
+* ``{CPU,GPU}ModelRunner.load_model`` (worker): refuses a configuration whose CUDA graphs
+  would capture the edit op; after the weights load and before warm-up and compilation,
+  checks every pack's fingerprint against the served model and attaches the hooks
+  (:mod:`erasekit.integrations.vllm_runtime`).
 
 ``register`` is idempotent. If it fails while ``ERASEKIT_CONFIG`` is set it exits the
 process: vLLM only logs a plugin that raises, which would silently serve unguarded.
@@ -87,6 +91,7 @@ def _patch_engine_args() -> None:
             procs.append(LOGITS_PROCESSOR)
         self.logits_processors = procs
         patch_model_runners()  # in-process engines (VLLM_ENABLE_V1_MULTIPROCESSING=0) load here
+        requested_mode, requested_ops = _requested_graphs(self.compilation_config)
         vllm_config = original(self, *args, **kwargs)
         if getattr(vllm_config, "use_v2_model_runner", False):
             raise PolicyError("vLLM engine", "model runner", "erasekit supports vLLM's V1 model runner only, and "
@@ -94,6 +99,13 @@ def _patch_engine_args() -> None:
         if vllm_config.speculative_config is not None:
             raise PolicyError("vLLM engine", "speculative_config", "speculative decoding skips the logits processor "
                               "that carries per-request toggles", "serve without speculative decoding")
+        # Here, in the front end, the resolved config is still ours to change: the engine core and
+        # workers receive this object, and the compile-cache key is computed from it later.
+        changes = cfg.make_cudagraph_safe(vllm_config, requested_mode, requested_ops)
+        if changes:
+            logger.info("erasekit: %s: full CUDA graphs would replay erasekit's edit op frozen (captured once, "
+                        "its per-request row selection never re-run); piecewise graphs run it eagerly between "
+                        "the graph pieces every step", "; ".join(changes))
         _FRONTEND[config.digest] = config
         logger.info("erasekit: configured; concepts %s (mandatory %s)", sorted(config.policy.concepts),
                     sorted(config.policy.mandatory))
@@ -101,6 +113,13 @@ def _patch_engine_args() -> None:
 
     create_engine_config._erasekit = True  # type: ignore[attr-defined]
     EngineArgs.create_engine_config = create_engine_config
+
+
+def _requested_graphs(compilation_config: Any) -> tuple[Any, Any]:
+    """``(cudagraph_mode, splitting_ops)`` as the operator set them (``None``: left to vLLM)."""
+    if isinstance(compilation_config, dict):
+        return compilation_config.get("cudagraph_mode"), compilation_config.get("splitting_ops")
+    return getattr(compilation_config, "cudagraph_mode", None), getattr(compilation_config, "splitting_ops", None)
 
 
 def _frontend_config(vllm_config: Any) -> Any:
@@ -233,10 +252,13 @@ def patch_model_runners() -> None:
 
 def _wrap_load_model(original: Any) -> Any:
     def load_model(self: Any, *args: Any, **kwargs: Any) -> Any:
-        result = original(self, *args, **kwargs)
         from erasekit.integrations import vllm_config as cfg
 
-        if cfg.section_from(self.vllm_config.additional_config) is not None and not hasattr(self, "_erasekit_eraser"):
+        configured = cfg.section_from(self.vllm_config.additional_config) is not None
+        if configured:  # before any weight loads: an unsafe config must not start at all
+            cfg.check_cudagraph_safe(self.vllm_config, where="vLLM worker")
+        result = original(self, *args, **kwargs)
+        if configured and not hasattr(self, "_erasekit_eraser"):
             from erasekit.integrations.vllm_runtime import install
 
             install(self)  # raises on a pack/model mismatch: the engine must not start
