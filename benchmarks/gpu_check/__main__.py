@@ -36,7 +36,10 @@ def _environment(device: str) -> dict[str, Any]:
             env[mod] = getattr(m, "__version__", "?")
         except Exception as exc:  # noqa: BLE001 - record what is missing
             env[mod] = f"unavailable ({type(exc).__name__}: {exc})"
-    env["vllm_installed"] = importlib.util.find_spec("vllm") is not None  # looked up, never imported
+    try:  # looked up, never imported
+        env["vllm_installed"] = importlib.util.find_spec("vllm") is not None
+    except (ImportError, ValueError):
+        env["vllm_installed"] = False
     return env
 
 

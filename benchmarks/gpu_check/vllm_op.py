@@ -348,15 +348,21 @@ def _graph_checks(sec: Section, rt: Any, device: torch.device, dtype: torch.dtyp
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             static_out = stack.full(static_x, key)
-        frozen, missed = [], []
+        # "frozen": each replay equals the unedited eager run (close: replayed kernels may round
+        # differently from eager ones; the edits move values by O(1)) and misses the edit
+        tol = 1e-4 if dtype == torch.float32 else 3e-2
+        frozen, missed, bitwise, worst = [], [], 0, 0.0
         for i, ((n_reqs, slots), x) in enumerate(zip(GRAPH_STEPS, inputs, strict=True)):
             set_step(n_reqs, slots)
             static_x.copy_(x)
             graph.replay()
             sync(device)
-            frozen.append(torch.equal(static_out, plain[i]))
+            diff = float((static_out.float() - plain[i].float()).abs().max())
+            worst = max(worst, diff)
+            bitwise += int(torch.equal(static_out, plain[i]))
+            frozen.append(diff <= tol)
             if slots:
-                missed.append(not torch.equal(static_out, eager[i]))
+                missed.append(float((static_out.float() - eager[i].float()).abs().max()) > 10 * tol)
         result = "frozen" if all(frozen) and all(missed) else "not frozen"
         sec.check(
             f"graphs {label}: (a) whole-stack capture incl. the op, slot activated after capture "
@@ -365,6 +371,8 @@ def _graph_checks(sec: Section, rt: Any, device: torch.device, dtype: torch.dtyp
             "frozen (edit baked out: vLLM must split at the op)",
             result=result,
             replays_equal_unedited=f"{sum(frozen)}/{len(frozen)}",
+            replays_bitwise_equal_unedited=f"{bitwise}/{len(frozen)}",
+            max_abs_diff_to_unedited=worst,
             active_steps_missing_edit=f"{sum(missed)}/{len(missed)}",
         )
 
@@ -400,7 +408,7 @@ def _graph_checks(sec: Section, rt: Any, device: torch.device, dtype: torch.dtyp
             h2s.copy_(h)
             r2s.copy_(r)
 
-    same, took_effect = [], []
+    same, took_effect, worst_b = [], [], 0.0
     for i, ((n_reqs, slots), x) in enumerate(zip(GRAPH_STEPS, inputs, strict=True)):
         set_step(n_reqs, slots)
         static_x.copy_(x)
@@ -411,6 +419,7 @@ def _graph_checks(sec: Section, rt: Any, device: torch.device, dtype: torch.dtyp
         out = h2s + r2s
         sync(device)
         same.append(torch.equal(_bits(out), _bits(eager[i])))
+        worst_b = max(worst_b, float((out.float() - eager[i].float()).abs().max()))
         if slots:
             took_effect.append(not torch.equal(out, plain[i]))
     mode = "CUDA graphs" if cuda else "emulated (no CUDA)"
@@ -419,6 +428,7 @@ def _graph_checks(sec: Section, rt: Any, device: torch.device, dtype: torch.dtyp
         all(same),
         "bit-identical",
         steps_identical=f"{sum(same)}/{len(same)}",
+        max_abs_diff=worst_b,
     )
     sec.check(
         f"graphs {label}: (b) piecewise: per-step slot changes take effect",
