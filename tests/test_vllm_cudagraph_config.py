@@ -212,3 +212,22 @@ def test_model_runner_v2_is_refused(world, monkeypatch):
     assert _build(world, guarded=False).use_v2_model_runner  # vLLM alone would run V2
     err = _refusal(world)
     assert err.field == "model runner" and "VLLM_USE_V2_MODEL_RUNNER=0" in err.fix
+
+
+def test_model_runner_v2_worker_refuses_before_loading(world):
+    """A configured engine that reaches a V2 runner anyway (a config built without EngineArgs)
+    stops in the worker instead of serving unguarded; an unconfigured one loads as usual."""
+    from vllm.v1.worker.cpu.model_runner import CPUModelRunner as CPUModelRunnerV2
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner as ModelRunnerV2
+
+    vllm_plugin.patch_model_runners()
+    assert getattr(CPUModelRunnerV2.load_model, "_erasekit", False)  # inherited from the V2 GPU runner
+    config = _build(world, guarded=False, enforce_eager=True)
+    config.additional_config = {"erasekit": {"policy": str(world.policy_path)}}
+    with pytest.raises(PolicyError, match="unguarded") as info:
+        ModelRunnerV2.load_model(SimpleNamespace(vllm_config=config))
+    assert info.value.where == "vLLM worker" and "VLLM_USE_V2_MODEL_RUNNER=0" in info.value.fix
+    config.additional_config = {}
+    with pytest.raises(Exception) as plain:  # reaches vLLM's own load_model (fails on the fake runner)
+        ModelRunnerV2.load_model(SimpleNamespace(vllm_config=config))
+    assert not isinstance(plain.value, PolicyError)

@@ -247,7 +247,34 @@ def patch_model_runners() -> None:
         if original is None or getattr(original, "_erasekit", False):
             continue
         cls.load_model = _wrap_load_model(original)
+    try:  # Model Runner V2 (its CPU runner inherits this load_model)
+        from vllm.v1.worker.gpu.model_runner import GPUModelRunner as ModelRunnerV2
+    except ImportError:
+        ModelRunnerV2 = None
+    original = ModelRunnerV2.__dict__.get("load_model") if ModelRunnerV2 is not None else None
+    if original is not None and not getattr(original, "_erasekit", False):
+        ModelRunnerV2.load_model = _refuse_v2_load_model(original)
     _runners_patched = True
+
+
+def _refuse_v2_load_model(original: Any) -> Any:
+    """V2 runners have no persistent batch for the request carrier, so a configured engine that
+    reaches one (e.g. a config built without ``EngineArgs``, which the front-end check never
+    saw) must stop here rather than serve every request unguarded."""
+
+    def load_model(self: Any, *args: Any, **kwargs: Any) -> Any:
+        from erasekit.integrations import vllm_config as cfg
+
+        if cfg.section_from(self.vllm_config.additional_config) is not None:
+            from erasekit.errors import PolicyError
+
+            raise PolicyError("vLLM worker", "model runner", "erasekit hooks only vLLM's V1 model runner; "
+                              "this Model Runner V2 worker would serve every request unguarded",
+                              "set VLLM_USE_V2_MODEL_RUNNER=0")
+        return original(self, *args, **kwargs)
+
+    load_model._erasekit = True  # type: ignore[attr-defined]
+    return load_model
 
 
 def _wrap_load_model(original: Any) -> Any:
