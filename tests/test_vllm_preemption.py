@@ -107,6 +107,9 @@ def test_preempted_requests_match_unpreempted_runs_and_leave_no_state(engines):
         pytest.fail(f"vLLM did not preempt anything with {KV}: this test would prove nothing; shrink the cache")
     assert state["requests_resumed"] > resumed_before, (
         f"{preempted:.0f} preemptions, but no toggled request was resumed: the guarded path was not exercised")
+    # install() told vLLM that no custom logits processor reads output token ids (the carrier does
+    # not); the outputs below, preemptions and resumes included, are unchanged by it
+    assert state["output_token_ids_needed"] is False
     for i, (prompt, toggle) in enumerate(zip(PROMPTS, TOGGLES, strict=True)):
         kind = "toggled (vs the same request alone)" if toggle is not None else "untoggled (vs plain vLLM)"
         assert got[i] == expected[i], f"request {i} {prompt!r}, {kind}, after {preempted:.0f} preemptions"

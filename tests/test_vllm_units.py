@@ -513,3 +513,22 @@ def test_edit_module_imports_without_vllm():
             "bad = sorted(m for m in sys.modules if m == 'vllm' or m.startswith('vllm.')); "
             "assert not bad, bad; assert hasattr(e.torch.ops.erasekit, 'vllm_edit_')")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_output_token_ids_released_only_when_the_carrier_is_the_only_custom_processor():
+    """Loading a custom logits processor makes vLLM hand it every request's output tokens each step
+    (under async scheduling: a host sync and a Python loop per step); the carrier does not read
+    them, so install() clears the flag, but never when another custom processor might."""
+    from erasekit.integrations.vllm_runtime import release_output_token_ids
+
+    carrier = object()
+    builtin = type("MinPLogitsProcessor", (), {"__module__": "vllm.v1.sample.logits_processor.builtin"})()
+    other = type("UserProcessor", (), {"__module__": "user_pkg.procs"})()
+
+    def batch(*procs):
+        return SimpleNamespace(logitsprocs=SimpleNamespace(all=iter(procs)), logitsprocs_need_output_token_ids=True)
+
+    alone = batch(builtin, carrier)
+    assert release_output_token_ids(alone, carrier) and alone.logitsprocs_need_output_token_ids is False
+    shared = batch(builtin, carrier, other)
+    assert not release_output_token_ids(shared, carrier) and shared.logitsprocs_need_output_token_ids is True

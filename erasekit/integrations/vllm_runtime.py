@@ -29,7 +29,7 @@ from erasekit.integrations import vllm_config as cfg
 from erasekit.integrations.vllm_edit import EngineEraser, _make_hook, erasekit_edit_
 
 __all__ = ["EngineEraser", "EraseLogitsProcessor", "erasekit_edit_", "find_decoder_layers", "install",
-           "request_toggles"]
+           "release_output_token_ids", "request_toggles"]
 
 logger = logging.getLogger("erasekit.vllm")
 
@@ -224,6 +224,7 @@ def install(runner: Any) -> EngineEraser | None:
     from erasekit.steering.router import ConceptRouter
 
     carrier.routed = frozenset(n for n, p in packs.items() if ConceptRouter.from_pack(p) is not None)
+    release_output_token_ids(runner.input_batch, carrier)
     eraser = EngineEraser(runner, carrier, edits, present or wanted)
     from vllm.config import CompilationMode
 
@@ -234,6 +235,30 @@ def install(runner: Any) -> EngineEraser | None:
     logger.info("erasekit: guarding %s with concepts %s (mandatory %s) at layers %s, on_error=%s",
                 architecture, sorted(edits), sorted(config.policy.mandatory), present, config.policy.on_error)
     return eraser
+
+
+def release_output_token_ids(batch: Any, carrier: Any) -> bool:
+    """Tell vLLM that no custom logits processor reads ``sampling_metadata.output_token_ids``
+    when the carrier is the only custom one; True when the flag was cleared.
+
+    vLLM cannot know what a custom logits processor reads, so loading one sets
+    ``InputBatch.logitsprocs_need_output_token_ids``, and every step then hands the processors
+    the output token lists; under async scheduling (vLLM's GPU default) that means waiting for
+    the previous step's sampled tokens to reach the host and patching each request's list in a
+    Python loop, before sampling, every step, with or without toggles. The carrier reads only the
+    ``BatchUpdate`` (its own references, never the sampling metadata), and the built-in
+    processors never set the flag, so it is cleared unless another custom processor is loaded.
+    """
+    if not getattr(batch, "logitsprocs_need_output_token_ids", False):
+        return False
+    procs = getattr(getattr(batch, "logitsprocs", None), "all", None)
+    procs = list((procs() if callable(procs) else procs) or ())
+    others = [p for p in procs if p is not carrier
+              and not type(p).__module__.startswith("vllm.v1.sample.logits_processor.builtin")]
+    if others:
+        return False
+    batch.logitsprocs_need_output_token_ids = False
+    return True
 
 
 def _find_carrier(runner: Any) -> Any:

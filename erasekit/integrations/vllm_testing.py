@@ -220,7 +220,8 @@ def worker_erasekit_state(worker: object) -> dict:
         return {}
     carrier = eraser.carrier
     return {**eraser.stats(), "slots": {int(k): sorted(v) for k, v in carrier.slots.items()},
-            "refused": {int(k): v for k, v in carrier.refused.items()}}
+            "refused": {int(k): v for k, v in carrier.refused.items()},
+            "output_token_ids_needed": bool(getattr(runner.input_batch, "logitsprocs_need_output_token_ids", True))}
 
 
 def worker_layer_state(worker: object) -> dict:
