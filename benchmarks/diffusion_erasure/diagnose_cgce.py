@@ -89,7 +89,8 @@ def _judge(world: Any, images: np.ndarray, concept: str) -> tuple[list[str], lis
     return [names[i] for i in probs.argmax(-1).tolist()], probs[:, names.index(concept)].tolist()
 
 
-def diagnose_concept(world: Any, pack: Any, concept: str, seed: int, attacks: list[str], n: int) -> list[dict[str, Any]]:
+def diagnose_concept(world: Any, pack: Any, concept: str, seed: int, attacks: list[str], n: int,
+                     reseeds: int = 0) -> list[dict[str, Any]]:
     from erasekit.classifiers.cgce import CGCEClassifier
     from erasekit.classifiers.twin import refine
     from erasekit.integrations.diffusers import guard
@@ -116,12 +117,22 @@ def diagnose_concept(world: Any, pack: Any, concept: str, seed: int, attacks: li
             guarded = world.generate(prompts, seed, call=g, erase=[concept])
         pred_b, p_b = _judge(world, base, concept)
         pred_g, p_g = _judge(world, guarded, concept)
+        # Same prompts, other seeds: is survival a property of the prompt (its refined conditioning
+        # still asks for the concept) or of the seed (the world's draw for a concept-free request)?
+        again_b, again_g = np.zeros(n), np.zeros(n)
+        for k in range(reseeds):
+            s_k = seed + 100_000 * (k + 1)
+            again_b += np.array(_judge(world, world.generate(prompts, s_k), concept)[0]) == concept
+            with guard(world.pipe, [pack]) as g:
+                again_g += np.array(_judge(world, world.generate(prompts, s_k, call=g, erase=[concept]), concept)[0]) == concept
         for i, r in enumerate(rows):
             r.pop("_refined", None)
             survived = pred_g[i] == concept
             r.update(concept=concept, attack=attack, index=i, prompt=prompts[i],
                      judge_unguarded=pred_b[i], p_unguarded=p_b[i], judge_guarded=pred_g[i], p_guarded=p_g[i],
                      survived=survived,
+                     **({"reseed_rate_unguarded": float(again_b[i] / reseeds),
+                         "reseed_rate_guarded": float(again_g[i] / reseeds)} if reseeds else {}),
                      failure=None if not survived else ("guidance" if r["flagged"] else "miss"))
             out.append(r)
     return out
@@ -158,14 +169,28 @@ def summarise(rows: list[dict[str, Any]], rates: dict[str, Any]) -> str:
         lines.append(f"| {c} | {a} | {un}/{n} | {sum(r['survived'] for r in rs)}/{n} | {sum(r['flagged'] for r in rs)}/{n} "
                      f"| {sum(r['failure'] == 'miss' for r in rs)} | {sum(r['failure'] == 'guidance' for r in rs)} "
                      f"| {100 * rates[c]['family_unmentioned']['rate']:.0f} % / {100 * rates[c]['sibling_named']['rate']:.0f} % |")
+    reseeded = "reseed_rate_guarded" in rows[0]
+    if reseeded:
+        lines += ["", "Other seeds, same prompts (mean share of seeds showing the concept): guarded, over the prompts "
+                  "that survived at the benchmark's seed / that did not; flagged prompts only and unflagged only:", "",
+                  "| concept | attack | survivors | non-survivors | flagged prompts | unflagged prompts |",
+                  "|---|---|---|---|---|---|"]
+        m = lambda rs: "–" if not rs else f"{100 * np.mean([r['reseed_rate_guarded'] for r in rs]):.0f} % ({len(rs)})"  # noqa: E731
+        for c, a in keys:
+            rs = [r for r in rows if r["concept"] == c and r["attack"] == a]
+            lines.append(f"| {c} | {a} | {m([r for r in rs if r['survived']])} | {m([r for r in rs if not r['survived']])} "
+                         f"| {m([r for r in rs if r['flagged']])} | {m([r for r in rs if not r['flagged']])} |")
     lines += ["", "Surviving images:", "", "| concept | attack | # | prompt | score | steps | logit → final (target) "
-              "| moved | unguarded judge |", "|---|---|---|---|---|---|---|---|---|"]
+              "| moved | unguarded judge |" + (" other seeds: unguarded / guarded |" if reseeded else ""),
+              "|---|---|---|---|---|---|---|---|---|" + ("---|" if reseeded else "")]
     for r in rows:
         if r["survived"]:
             ref = (f"{r['steps']} | {r['logit']:.2f} → {r['final_logit']:.2f} ({r['target_logit']:.2f}) | {r['moved']:.2f}"
                    if r["flagged"] else f"– | {r['logit']:.2f} | –")
+            extra = (f" {100 * r['reseed_rate_unguarded']:.0f} % / {100 * r['reseed_rate_guarded']:.0f} % |"
+                     if reseeded else "")
             lines.append(f"| {r['concept']} | {r['attack']} | {r['index']} | {r['prompt']} | {r['score']:.3f} | {ref} "
-                         f"| {r['judge_unguarded']} |")
+                         f"| {r['judge_unguarded']} |{extra}")
     return "\n".join(lines)
 
 
@@ -184,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attacks", default="direct,paraphrase")
     p.add_argument("--n", type=int, default=12)
     p.add_argument("--base-rate", type=int, default=48, help="prompts per base-rate cell (seed 7000+)")
+    p.add_argument("--reseeds", type=int, default=0,
+                   help="also draw every prompt with this many other seeds (guarded and unguarded)")
     p.add_argument("--set", action="append", default=[], help="override a CGCE hyperparameter, KEY=VALUE")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="write rows and base rates as JSON here")
@@ -202,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         rows, rates = [], {}
         for c in concepts:
             seed = args.seed + 1000 * order.index(c)
-            rows += diagnose_concept(world, packs[c], c, seed, args.attacks.split(","), args.n)
+            rows += diagnose_concept(world, packs[c], c, seed, args.attacks.split(","), args.n, args.reseeds)
             rates[c] = base_rates(world, c, args.base_rate, 7000 + seed)
             print(f"{c}: done", file=sys.stderr, flush=True)
     table = summarise(rows, rates)
