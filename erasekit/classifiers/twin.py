@@ -16,17 +16,27 @@ row; one classifier: ``a = eta (f - target) / |grad f|^2``). For the linear part
 step is exact; the attention-pooled part needs a few (measured on the world: 4-12 steps, against
 100 fixed-size steps that never reached the target). Several concepts still sum their guidance
 directions; the system only decides how much of each.
+
+Cost per step (it runs before the first denoiser call, on the denoiser's device, so on a GPU it is
+launch- and sync-bound, not FLOP-bound): one forward and one backward of the twin's non-linear
+part (the attention-pooled and max-cosine features; the mean and flat features are linear, so
+their gradient is a constant folded once per twin), a closed-form step for one classifier (no
+solver), ``torch.linalg.solve_ex`` for several (no per-step info sync; singular systems are still
+raised, checked in the same transfer as convergence), and exactly one host-device sync: the
+``active.any()`` convergence check, which is what lets a refinement stop after the 4-12 steps it
+needs instead of running ``max_steps``. Only the rows some classifier flagged are computed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from sklearn.pipeline import Pipeline
 
-from erasekit.classifiers.features import concept_features_torch
+from erasekit.classifiers.features import EPS, concept_features_torch
 
 #: Largest refinement step, as a fraction of the prompt embedding's norm (a trust region against
 #: a near-singular step on a nearly flat logit; the world's refinements move 0.4-1.0 of the norm).
@@ -42,6 +52,8 @@ class TorchTwin:
     bias: torch.Tensor  # 1
     tau: float
     flat: bool = False
+    #: derived tensors, built once per device (see :meth:`to` and :meth:`_parts`)
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def from_detector(cls, detector: Pipeline) -> TorchTwin:
@@ -59,12 +71,71 @@ class TorchTwin:
         )
 
     def to(self, device: torch.device | str) -> TorchTwin:
-        return TorchTwin(self.concept.to(device), self.weight.to(device), self.bias.to(device), self.tau, self.flat)
+        """The twin on ``device``; the copy is kept, so a guard calling this per request copies once."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if self.concept.device == device:
+            return self
+        key = ("to", device)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self._cache[key] = TorchTwin(
+                self.concept.to(device), self.weight.to(device), self.bias.to(device), self.tau, self.flat
+            )
+        return hit
 
     def logits(self, embeds: torch.Tensor) -> torch.Tensor:
         """Detector logits for conditioning ``[N, T, D]`` (computed in float32)."""
         feats = concept_features_torch(embeds.float(), self.concept, self.tau, self.flat)
         return feats @ self.weight + self.bias
+
+    def _parts(self, seq_len: int, dim: int) -> tuple[torch.Tensor, ...]:
+        """``(unit concept [K, D], w_pooled [D], w_maxcos [], linear gradient [T, D], w_linear [T*D] or None, w_mean [D])``.
+
+        The mean and flat features are linear in the conditioning: their part of the logit is
+        ``x.flatten(1) @ w_linear`` (the mean's weight spread over the positions and added to the
+        flat weight) and their part of the gradient is the constant ``linear gradient``.
+        """
+        key = ("parts", seq_len, dim)
+        hit = self._cache.get(key)
+        if hit is None:
+            w = self.weight
+            unit_c = self.concept / (self.concept.norm(dim=-1, keepdim=True) + EPS)
+            w_pool, w_mean, w_max = w[:dim], w[dim : 2 * dim], w[2 * dim]
+            lin_grad = (w_mean / seq_len).expand(seq_len, dim)
+            w_lin = None
+            if self.flat:
+                lin_grad = w[2 * dim + 1 :].view(seq_len, dim) + lin_grad
+                w_lin = lin_grad.reshape(-1)
+            hit = self._cache[key] = (unit_c, w_pool, w_max, lin_grad.contiguous(), w_lin, w_mean)
+        return hit
+
+    def logits_for_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Logits ``[N]`` of float32 ``x`` ``[N, T, D]``, and a function that returns their gradient
+        ``d logit_n / d x_n`` ``[N, T, D]`` (call it with grad enabled, at most once).
+
+        The same function as :meth:`logits` (equal to float rounding: the linear terms are summed
+        in another order); autograd runs through the non-linear features only, and only when the
+        gradient is asked for.
+        """
+        n, t, d = x.shape
+        unit_c, w_pool, w_max, lin_grad, w_lin, w_mean = self._parts(t, d)
+        xg = x.detach().requires_grad_(True)
+        unit_e = xg / (xg.norm(dim=-1, keepdim=True) + EPS)
+        scores = unit_e @ unit_c.T  # N, T, K
+        weights = torch.softmax(scores / self.tau, dim=1).mean(dim=2)  # N, T
+        pooled = torch.einsum("nt,ntd->nd", weights, xg)
+        maxcos = scores.flatten(1).amax(dim=1)
+        nonlinear = torch.addmv(maxcos * w_max, pooled, w_pool)  # N
+        x0 = x.detach()
+        linear = x0.flatten(1) @ w_lin if w_lin is not None else x0.mean(dim=1) @ w_mean
+
+        def grad() -> torch.Tensor:
+            (g,) = torch.autograd.grad(nonlinear.sum(), xg)  # rows are independent
+            return g + lin_grad
+
+        return nonlinear.detach() + linear + self.bias, grad
 
 
 @dataclass(frozen=True)
@@ -103,42 +174,86 @@ def refine(
             raise ValueError("refine needs targets or target_logits")
         target_logits = [_logit(t) for t in targets]
     base = embeds.detach()
-    moved = rows.any(dim=0)
-    n_c = len(twins)
     with torch.inference_mode(False), torch.enable_grad():
-        x = base.float().clone()  # a normal tensor even when ``embeds`` is an inference tensor
-        goal = torch.tensor(target_logits, device=x.device, dtype=torch.float32)[:, None]  # C, 1
-        eta = torch.tensor(etas, device=x.device, dtype=torch.float32)[:, None]  # C, 1
-        rows = rows.to(x.device).clone()
-        initial = None
-        steps = 0
-        for steps in range(max_steps + 1):
-            x.requires_grad_(True)
-            logits = torch.stack([tw.logits(x) for tw in twins])  # C, N
-            z = logits.detach()
-            if initial is None:
-                initial = torch.sigmoid(z)
-            active = rows & (z > goal)  # re-checked every step: one concept's push may revive another
-            if steps == max_steps or not bool(active.any()):
-                break
-            grads = torch.stack([
-                torch.autograd.grad(logits[c].sum(), x, retain_graph=c < n_c - 1)[0] for c in range(n_c)
-            ]).flatten(2)  # C, N, F  (rows are independent, so d sum / d x_n = d logit_n / d x_n)
-            a = active.T.float()  # N, C
-            gram = torch.einsum("cnf,dnf->ncd", grads, grads) * a[:, :, None] * a[:, None, :]
-            # Inactive classifiers get an identity row (alpha = 0); a small ridge relative to the
-            # diagonal keeps nearly parallel guidance directions (related concepts) from blowing up.
-            # (One classifier: no ridge, the step is exact.)
-            ridge = (1e-4 if n_c > 1 else 0.0) * gram.diagonal(dim1=1, dim2=2).amax(dim=1) + 1e-12  # N
-            gram = gram + torch.diag_embed(1 - a) + ridge[:, None, None] * torch.eye(n_c, device=x.device)
-            residual = ((z - goal) * active).T  # N, C
-            alpha = torch.linalg.solve(gram, residual[..., None])[..., 0] * eta.T * a  # N, C
-            delta = torch.einsum("nc,cnf->nf", alpha, grads)
-            limit = MAX_STEP_FRACTION * x.detach().flatten(1).norm(dim=1)
-            scale = (limit / delta.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
-            x = (x.detach() - (delta * scale[:, None]).view_as(x)).detach()
-        final = torch.sigmoid(logits.detach())
-        out = torch.where(moved[:, None, None].to(x.device), x.detach().to(embeds.dtype), base)
+        full = base.float().clone()  # a normal tensor even when ``embeds`` is an inference tensor
+        device = full.device
+        rows = rows.to(device)
+        moved = rows.any(dim=0)
+        initial = torch.stack([tw.logits(full).detach() for tw in twins]).sigmoid()  # C, N (all rows)
+        # The flagged rows only (one sync per call): the others are returned untouched anyway.
+        idx = moved.nonzero().flatten()
+        if max_steps <= 0 or idx.numel() == 0:
+            out, steps, final = base.clone(), 0, initial.clone()
+        else:
+            out, steps, final = _refine_rows(
+                base, full.index_select(0, idx), idx, twins, rows.index_select(1, idx), etas, max_steps,
+                target_logits, initial,
+            )
     if embeds.requires_grad:
         out = embeds + (out - base)
     return RefineResult(out, steps, initial, final)
+
+
+def _refine_rows(
+    base: torch.Tensor,
+    x: torch.Tensor,
+    idx: torch.Tensor,
+    twins: list[TorchTwin],
+    sub_rows: torch.Tensor,
+    etas: list[float],
+    max_steps: int,
+    target_logits: list[float],
+    initial: torch.Tensor,
+) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """The refinement loop on the flagged rows ``x`` (``base[idx]`` in float32); call with grad enabled."""
+    n_c, device = len(twins), x.device
+    goal = torch.tensor(target_logits, dtype=torch.float32)[:, None].to(device, non_blocking=True)  # C, 1
+    eta = torch.tensor(etas, dtype=torch.float32)[:, None].to(device, non_blocking=True)  # C, 1
+    failed = None  # several classifiers: did a Gauss-Newton solve fail (checked with convergence)?
+    steps = 0
+    for steps in range(max_steps + 1):
+        pairs = [tw.logits_for_grad(x) for tw in twins]
+        z = torch.stack([p[0] for p in pairs])  # C, M
+        excess = z - goal
+        active = sub_rows & (excess > 0)  # re-checked every step: one concept's push may revive another
+        if steps == max_steps:
+            break
+        # The one host-device sync per step: stop as soon as every flagged row is under target.
+        if failed is None:
+            go = bool(active.any())
+        else:  # one transfer for both: 1 = go on, 2 or 3 = the last solve failed
+            code = int(active.any() + 2 * failed)
+            if code >= 2:
+                raise torch.linalg.LinAlgError("CGCE refine: the Gauss-Newton system is singular")
+            go = code == 1
+        if not go:
+            break
+        norm_x = x.flatten(1).norm(dim=1)
+        if n_c == 1:
+            # a = eta (f - target) / |grad f|^2 on active rows, 0 elsewhere; |delta| = |a| |grad f|
+            grad = pairs[0][1]()
+            sq = (grad * grad).flatten(1).sum(dim=1)
+            alpha = torch.where(active[0], excess[0] / (sq + 1e-12), 0.0) * eta[0]
+            step_norm = alpha.abs() * sq.sqrt()
+        else:
+            grads = torch.stack([p[1]() for p in pairs]).flatten(2)  # C, M, F
+            a = active.T.float()  # M, C
+            gram = torch.einsum("cnf,dnf->ncd", grads, grads) * a[:, :, None] * a[:, None, :]
+            # Inactive classifiers get an identity row (alpha = 0); a small ridge relative to the
+            # diagonal keeps nearly parallel guidance directions (related concepts) from blowing up.
+            ridge = 1e-4 * gram.diagonal(dim1=1, dim2=2).amax(dim=1) + 1e-12  # M
+            gram = gram + torch.diag_embed(1 - a) + ridge[:, None, None] * torch.eye(n_c, device=device)
+            residual = (excess * active).T  # M, C
+            solved, info = torch.linalg.solve_ex(gram, residual[..., None])
+            failed = info.ne(0).any()
+            coef = solved[..., 0] * eta.T * a  # M, C
+            delta = torch.einsum("nc,cnf->nf", coef, grads)
+            step_norm = delta.norm(dim=1)
+        # trust region: no step longer than MAX_STEP_FRACTION of the row's norm
+        scale = (MAX_STEP_FRACTION * norm_x / step_norm.clamp_min(1e-12)).clamp(max=1.0)
+        if n_c == 1:
+            x = torch.addcmul(x, grad, (alpha * scale)[:, None, None], value=-1)
+        else:
+            x = x - (delta * scale[:, None]).view_as(x)
+    final = initial.index_copy(1, idx, torch.sigmoid(z))
+    return base.index_copy(0, idx, x.to(base.dtype)), steps, final
