@@ -1,4 +1,4 @@
-"""``python -m benchmarks.gpu_check --out DIR [--device cuda|cpu] [--quick] [--sections ABC] [--irece]``."""
+"""``python -m benchmarks.gpu_check --out DIR [--device cuda|cpu] [--quick] [--sections ABCD] [--irece] [--clip-tokenizer DIR]``."""
 
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder (gpu_check.json, gpu_check.md)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--quick", action="store_true", help="small sizes (CPU dry run)")
-    parser.add_argument("--sections", default="ABC", help="subset of A, B, C")
+    parser.add_argument("--sections", default="ABCD", help="subset of A, B, C, D")
     parser.add_argument(
         "--cgce-packs", default=None, help="folder of <concept>-cgce* packs (else calibrated here)"
     )
@@ -114,6 +114,12 @@ def main(argv: list[str] | None = None) -> int:
         "--llm-shapes",
         default=None,
         help="comma list of tiny,smollm2_shape (default: tiny with --quick, else both)",
+    )
+    parser.add_argument(
+        "--clip-tokenizer",
+        default=None,
+        help="section D: folder with the SD-1.x CLIP tokenizer's vocab.json/merges.txt (a copy of "
+        "~/.cache/erasekit/clip-tokenizer-sd1; default: .whl/clip-tokenizer-sd1 if present, else that cache)",
     )
     args = parser.parse_args(argv)
 
@@ -158,6 +164,16 @@ def main(argv: list[str] | None = None) -> int:
                 lambda s: diffusion.run_section(
                     s, device, args.quick, args.cgce_packs, args.irece, args.random_text_encoder
                 ),
+            )
+        )
+    if "D" in args.sections:
+        from benchmarks.gpu_check import sd15
+
+        plan.append(
+            (
+                "D",
+                "diffusers guard, SD1.5-sized random pipeline (fp16 on CUDA)",
+                lambda s: sd15.run(s, device, args.quick, args.clip_tokenizer),
             )
         )
     for key, title, fn in plan:
