@@ -532,3 +532,48 @@ def test_output_token_ids_released_only_when_the_carrier_is_the_only_custom_proc
     assert release_output_token_ids(alone, carrier) and alone.logitsprocs_need_output_token_ids is False
     shared = batch(builtin, carrier, other)
     assert not release_output_token_ids(shared, carrier) and shared.logitsprocs_need_output_token_ids is True
+
+
+def test_carrier_recalls_a_readded_request_instead_of_counting_it_again(world):
+    """Pipeline parallelism takes every request out of a rank's batch and puts it back each step.
+    The carrier recalls the request (same params object): its concepts and refusal come back, it is
+    not guarded or resumed again, and the eraser keeps its plan. A preempted request that comes back
+    to recompute its tokens still counts as resumed."""
+    lp = _lp(world)
+    p0, p1, p2 = _sp(), _sp(["alpha"]), _sp(["beta"])
+    runner = _fake_runner([1, 1, 1], computed=[4, 4, 4], prompt=[4, 4, 4])
+    lp.batch_of = lambda: runner.input_batch
+    lp.update_state(BatchUpdate(3, removed=[], added=[(0, p0, [1], []), (1, p1, [1], []), (2, p2, [1], [])], moved=[]))
+    assert lp.requests_guarded == 3 and lp.requests_resumed == 0
+    edits = {n: AddVector(n, {0: torch.full((8,), float(i + 1))}) for i, n in enumerate(("alpha", "always", "beta"))}
+    eraser = EngineEraser(runner, lp, edits, [0])
+    h, r = torch.zeros(3, 8), torch.zeros(3, 8)
+    torch.ops.erasekit.vllm_edit_(h, r, 0, eraser.key)
+    assert eraser.plans_built == 1
+    lp.fail_slots([2])  # slot 2's edit failed: refused (on_error=refuse), with no eos id known
+    assert lp.refused == {2: None}
+    torch.ops.erasekit.vllm_edit_(h, r, 0, eraser.key)  # the refused slot leaves the plan: a new layout
+    assert eraser.plans_built == 2
+    slots_before = dict(lp.slots)
+    outputs = {0: [7], 1: [7], 2: [7]}  # one token generated; 4 prompt tokens computed, the new one not yet
+    runner.input_batch.num_computed_tokens_cpu[:] = 4
+    for _ in range(3):  # a rank's batch under PP=2: out one step, back the next, same slots
+        lp.update_state(BatchUpdate(0, removed=[0, 1, 2], added=[], moved=[]))
+        assert lp.slots == {} and lp.refused == {}
+        lp.update_state(BatchUpdate(3, removed=[], added=[(i, p, [1], outputs[i]) for i, p in enumerate((p0, p1, p2))],
+                                    moved=[]))
+        assert lp.slots == slots_before and lp.refused == {2: None}
+        torch.ops.erasekit.vllm_edit_(h, r, 0, eraser.key)
+    assert (lp.requests_guarded, lp.requests_resumed, lp.requests_readded) == (3, 0, 9)
+    assert eraser.plans_built == 2 and lp.errors == 1  # every re-add found the plan it had
+    # back in other slots, then moved: the recalled concepts and the refusal follow the request
+    lp.update_state(BatchUpdate(0, removed=[0, 1, 2], added=[], moved=[]))
+    lp.update_state(BatchUpdate(3, removed=[], added=[(0, p2, [1], [7]), (1, p0, [1], [7]), (2, p1, [1], [7])],
+                                moved=[(0, 2, MoveDirectionality.SWAP)]))
+    assert lp.slots == {2: slots_before[2], 1: slots_before[0], 0: slots_before[1]} and lp.refused == {2: None}
+    assert lp.requests_guarded == 3 and lp.requests_resumed == 0
+    # preempted, then resumed with recompute (nothing of its 4 + 1 tokens computed): counted as resumed
+    lp.update_state(BatchUpdate(2, removed=[0], added=[], moved=[]))
+    runner.input_batch.num_computed_tokens_cpu[0] = 0
+    lp.update_state(BatchUpdate(3, removed=[], added=[(0, p1, [1], [7])], moved=[]))
+    assert lp.slots[0] == slots_before[1] and lp.requests_resumed == 1 and lp.requests_guarded == 3

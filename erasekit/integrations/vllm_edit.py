@@ -500,4 +500,5 @@ class EngineEraser:
                 "plans_recalled": self.plans_recalled, "plan_us": self.plan_ns // 1000,
                 "requests_guarded": self.carrier.requests_guarded,
                 "requests_resumed": getattr(self.carrier, "requests_resumed", 0),
+                "requests_readded": getattr(self.carrier, "requests_readded", 0),
                 "active_slots": len(self.carrier.slots)}

@@ -18,6 +18,8 @@ lets them continue unguarded.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -45,6 +47,10 @@ def _eos_of(params: Any) -> int | None:
 
 
 _POLICY_CACHE: dict[str, Policy] = {}
+#: marks a remembered request that was not refused (a refused one stores its eos id, maybe None)
+_NOT_REFUSED = object()
+#: requests remembered after leaving the batch (least recently removed forgotten first)
+_RECENT_MAX = 4096
 
 
 def request_toggles(params: Any) -> object:
@@ -84,9 +90,20 @@ class EraseLogitsProcessor(LogitsProcessor):
         self.refused: dict[int, int | None] = {}
         self.errors = 0
         self.requests_guarded = 0
-        #: guarded requests that re-entered the batch with output already generated (resumed
-        #: after preemption with recompute): their concepts are resolved again from their params
+        #: guarded requests that re-entered the batch to recompute output already generated
+        #: (resumed after preemption with recompute)
         self.requests_resumed = 0
+        #: re-entries of a request the carrier still remembers (same params object): pipeline
+        #: parallelism takes every request out of a rank's batch and puts it back each step, and
+        #: a preempted request comes back the same way; its concepts (and refusal) are recalled,
+        #: not resolved or counted again
+        self.requests_readded = 0
+        #: batch slot -> (params, active concepts) of every request whose concepts resolved
+        self._requests: dict[int, tuple[Any, frozenset[str]]] = {}
+        #: id(params) -> (params, concepts, eos if refused else _NOT_REFUSED), for requests that left
+        self._recent: OrderedDict[int, tuple[Any, frozenset[str], Any]] = OrderedDict()
+        #: the runner's input batch (set by install()), to tell a resume with recompute from a re-add
+        self.batch_of: Callable[[], Any] | None = None
         self.device = device
         #: bumped on every batch change, so the eraser can reuse its row plan between changes
         self.version = 0
@@ -111,32 +128,72 @@ class EraseLogitsProcessor(LogitsProcessor):
         self.version += 1
         try:
             for index in batch_update.removed:
-                self.slots.pop(index, None)
-                self.refused.pop(index, None)
+                self._forget(index)
+            #: slot -> output tokens of guarded requests that came back with output: resumed with
+            #: recompute, or only re-added (checked once the moves are applied)
+            back: dict[int, Any] = {}
             for index, params, _prompt, output in batch_update.added:
-                self.slots.pop(index, None)
-                self.refused.pop(index, None)
+                self._forget(index)
+                known = self._recent.pop(id(params), None)
+                if known is not None and known[0] is params:  # held in _recent, so the id is not reused
+                    _, active, refused = known
+                    self.requests_readded += 1
+                    self._requests[index] = (params, active)
+                    if refused is not _NOT_REFUSED:
+                        self.refused[index] = refused
+                    if active:
+                        self.slots[index] = active
+                        if output:
+                            back[index] = output
+                    continue
                 try:
                     active = self._resolve(params)
                 except Exception:  # validated at admission, so this is a bug: never raise here
                     self.note_error(index, params, "resolving the request's concepts failed")
                     continue
+                self._requests[index] = (params, active)
                 if active:
                     self.slots[index] = active
                     self.requests_guarded += 1
                     if output:
-                        self.requests_resumed += 1
+                        self.requests_resumed += 1  # a request with output this carrier never saw
             for a, b, direction in batch_update.moved:
-                for table in (self.slots, self.refused):
-                    va, vb = table.pop(a, None), table.pop(b, None)
-                    if va is not None:
+                for table in (self.slots, self.refused, self._requests, back):
+                    # _NOT_REFUSED, not None, marks an empty slot: a refused slot may hold None (no eos)
+                    va, vb = table.pop(a, _NOT_REFUSED), table.pop(b, _NOT_REFUSED)
+                    if va is not _NOT_REFUSED:
                         table[b] = va
-                    if vb is not None and direction == MoveDirectionality.SWAP:
+                    if vb is not _NOT_REFUSED and direction == MoveDirectionality.SWAP:
                         table[a] = vb
+            for index, output in back.items():
+                if self._recomputes(index, output):
+                    self.requests_resumed += 1
         except Exception:
             self.errors += 1
             logger.exception("erasekit: batch bookkeeping failed; guarding every slot conservatively")
             self._fail_all()
+
+    def _forget(self, index: int) -> None:
+        """Slot ``index`` is vacated: remember its request (concepts, refusal) for a re-add."""
+        self.slots.pop(index, None)
+        refused = self.refused.pop(index, _NOT_REFUSED)
+        entry = self._requests.pop(index, None)
+        if entry is not None:
+            params, active = entry
+            self._recent[id(params)] = (params, active, refused)
+            self._recent.move_to_end(id(params))
+            if len(self._recent) > _RECENT_MAX:
+                self._recent.popitem(last=False)
+
+    def _recomputes(self, index: int, output: Any) -> bool:
+        """Whether the request re-added at ``index`` recomputes tokens it had already computed
+        (resumed after preemption), rather than going on from where it left the batch (pipeline
+        parallelism). Without the runner's batch (unit tests), every return with output counts."""
+        batch = self.batch_of() if self.batch_of is not None else None
+        if batch is None:
+            return True
+        computed = int(batch.num_computed_tokens_cpu[index])
+        return computed < int(batch.num_prompt_tokens[index]) + len(output) - 1
 
     def note_error(self, index: int, params: Any, what: str) -> None:
         self.errors += 1
@@ -225,6 +282,7 @@ def install(runner: Any) -> EngineEraser | None:
 
     carrier.routed = frozenset(n for n, p in packs.items() if ConceptRouter.from_pack(p) is not None)
     release_output_token_ids(runner.input_batch, carrier)
+    carrier.batch_of = lambda: getattr(runner, "input_batch", None)
     eraser = EngineEraser(runner, carrier, edits, present or wanted)
     from vllm.config import CompilationMode
 
