@@ -45,7 +45,12 @@ from erasekit.classifiers.cgce import CGCEClassifier
 from erasekit.guardrails.concept import Concept
 from erasekit.guardrails.pack import ConceptPack
 from erasekit.integrations.diffusers import guard
-from erasekit.integrations.diffusers_calibrate import calibrate_cgce, calibrate_irece, encode_conditioning
+from erasekit.integrations.diffusers_calibrate import (
+    add_negative_embedding,
+    calibrate_cgce,
+    calibrate_irece,
+    encode_conditioning,
+)
 from erasekit.steering import irece
 from erasekit.testing.diffusion_world import World
 
@@ -94,6 +99,8 @@ def calibrate_packs(world: World, concepts: list[str], n_prompts: int, irece_hp:
             cg = calibrate_cgce(world.pipe, concept)
             if path is not None:
                 cg.save_pretrained(path)
+        if cgce_hp and cgce_hp.get("negative_guidance") and "negative_embedding" not in cg.tensors:
+            cg = add_negative_embedding(world.pipe, cg)  # packs cached before the tensor existed
         if cgce_hp:
             cg = with_hyperparameters(cg, **cgce_hp)
         ir = calibrate_irece(world.pipe, irece_concept(world, concept, irece_hp), call_kwargs=world_call_kwargs(world),

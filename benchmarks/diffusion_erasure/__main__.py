@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tune-images", type=int, default=6)
     p.add_argument("--tune-cgce", action="store_true", help="grid the CGCE margin first and write cgce_tuned.json")
     p.add_argument("--calibration-prompts", type=int, default=400)
+    p.add_argument("--cgce-negative-guidance", action="store_true",
+                   help="CGCE negative guidance on (flagged rows' uncond embedding = the concept's text)")
     p.add_argument("--quick", action="store_true", help="few images/steps (CI smoke)")
     p.add_argument("--skip-eval", action="store_true", help="only tune (with --tune)")
     p.add_argument("--overhead-reps", type=int, default=7)
@@ -81,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         concepts = args.concepts.split(",") if args.concepts else (["circle", "red"] if args.quick else
                                                                    de.EVAL_CONCEPTS)
         hp, cgce_hp = de.tuned_irece_hyperparameters(), de.tuned_cgce_hyperparameters()
+        if args.cgce_negative_guidance:
+            cgce_hp = {**cgce_hp, "negative_guidance": 1}
         packs = de.calibrate_packs(world, concepts, args.calibration_prompts, hp, cache, cgce_hp)
         results = de.evaluate(world, packs, concepts, out, args.quick)
         overhead = de.measure_overhead(world, packs, concepts[0], 2 if args.quick else args.overhead_reps)

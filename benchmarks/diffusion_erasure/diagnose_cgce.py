@@ -44,7 +44,7 @@ def _packs(world: Any, concepts: list[str], packs_dir: Path, n_prompts: int, hp:
     from benchmarks import diffusion_erasure as de
     from erasekit.guardrails.concept import Concept
     from erasekit.guardrails.pack import ConceptPack
-    from erasekit.integrations.diffusers_calibrate import calibrate_cgce
+    from erasekit.integrations.diffusers_calibrate import add_negative_embedding, calibrate_cgce
 
     out = {}
     for c in concepts:
@@ -56,6 +56,8 @@ def _packs(world: Any, concepts: list[str], packs_dir: Path, n_prompts: int, hp:
                               retain=world.retain_prompts(c, n_prompts, seed=1), keywords=[c])
             pack = calibrate_cgce(world.pipe, concept)
             pack.save_pretrained(path)
+        if hp.get("negative_guidance") and "negative_embedding" not in pack.tensors:
+            pack = add_negative_embedding(world.pipe, pack)  # packs cached before the tensor existed
         out[c] = de.with_hyperparameters(pack, **hp) if hp else pack
     return out
 

@@ -17,7 +17,12 @@ twin's folded weights, and the concept embedding the features attend with. Hyper
   stopping just under the decision threshold (or at a fixed small probability) leaves the
   concept in many images, the margin removes it; ``margin=0`` switches it off;
 * ``flat``: 1 if the features include the whole flattened conditioning (see
-  :mod:`erasekit.classifiers.features`), 0 for the attention-pooled features alone (older packs).
+  :mod:`erasekit.classifiers.features`), 0 for the attention-pooled features alone (older packs);
+* ``negative_guidance``: 1 to also replace, for rows this classifier flags under classifier-free
+  guidance, the row's *unconditional* embedding by the optional tensor ``negative_embedding``
+  (``[seq_len, embed_dim]``: the pipeline's own encoding of the concept's text, written by
+  calibration, the text in ``negative_prompt``), so guidance pushes away from the concept (SLD-style);
+  0 (the default; packs without the field read as 0) leaves the unconditional branch alone.
 """
 
 from __future__ import annotations
@@ -41,8 +46,9 @@ if TYPE_CHECKING:
 
 METHOD = "cgce"
 DEFAULTS: dict[str, float | int] = {"tau": 0.1, "threshold": 0.5, "eta": 1.0, "max_steps": 20, "target": 0.01,
-                                    "margin": 2.0, "flat": 1}
+                                    "margin": 2.0, "flat": 1, "negative_guidance": 0}
 _TENSORS = ("concept_embedding", "twin_weight", "twin_bias")
+_OPTIONAL_TENSORS = ("negative_embedding",)
 
 
 def _number(hp: dict, key: str, where: str, lo: float, hi: float, integer: bool = False) -> float:
@@ -73,10 +79,26 @@ def validate(pack: ConceptPack, where: str) -> None:
     if target > threshold:
         raise PackError(where, "hyperparameters.target", f"target {target} above threshold {threshold}",
                         "refinement must end under the detection threshold: set target <= threshold")
+    negative_guidance = hp.get("negative_guidance", 0)
+    if not isinstance(negative_guidance, int) or negative_guidance not in (0, 1):  # bools are ints
+        raise PackError(where, "hyperparameters.negative_guidance", f"must be true/false (or 1/0), got "
+                        f"{negative_guidance!r}", "pass --set negative_guidance=true or false")
     names = set(pack.tensors)
-    if names != set(_TENSORS):
-        raise PackError(where, "tensors", f"expected tensors {sorted(_TENSORS)}, got {sorted(names)}",
+    if not set(_TENSORS) <= names <= set(_TENSORS + _OPTIONAL_TENSORS):
+        raise PackError(where, "tensors", f"expected tensors {sorted(_TENSORS)} (+ optional "
+                        f"{sorted(_OPTIONAL_TENSORS)}), got {sorted(names)}",
                         "re-calibrate the pack with `erasekit calibrate --method cgce`")
+    negative = pack.tensors.get("negative_embedding")
+    if negative is not None:
+        if list(negative.shape) != [seq_len, dim]:
+            raise PackError(where, "tensors.negative_embedding", f"shape {list(negative.shape)} is not "
+                            f"[{seq_len}, {dim}]", "re-calibrate the pack")
+        if not negative.is_floating_point() or not bool(torch.isfinite(negative).all()):
+            raise PackError(where, "tensors.negative_embedding", "must be finite floating point",
+                            "re-calibrate the pack")
+    elif negative_guidance:
+        raise PackError(where, "hyperparameters.negative_guidance", "is 1 but the pack has no "
+                        "tensors.negative_embedding", "re-calibrate with this erasekit, or set negative_guidance=0")
     concept = pack.tensors["concept_embedding"]
     if concept.ndim != 2 or concept.shape[1] != dim or concept.shape[0] < 1:
         raise PackError(where, "tensors.concept_embedding", f"shape {list(concept.shape)} is not [K, {dim}]",
@@ -106,6 +128,8 @@ class CGCEClassifier:
     eta: float
     max_steps: int
     target_logit: float = float("-inf")  # where refinement stops: min(logit(target), margin target)
+    #: ``[T, D]`` unconditional embedding for flagged rows under CFG, or None (negative guidance off)
+    negative_embedding: torch.Tensor | None = None
 
     @classmethod
     def from_pack(cls, pack: ConceptPack) -> CGCEClassifier:
@@ -135,6 +159,8 @@ class CGCEClassifier:
             eta=float(hp["eta"]),
             max_steps=int(hp["max_steps"]),
             target_logit=target_logit,
+            negative_embedding=pack.tensors["negative_embedding"].float()
+            if hp.get("negative_guidance") and "negative_embedding" in pack.tensors else None,
         )
 
     def scores(self, embeds: torch.Tensor) -> np.ndarray:

@@ -209,6 +209,7 @@ class CallReport:
     irece_masked_fraction: dict[str, list[float]] = field(default_factory=dict)  # concept -> per step
     irece_gate: dict[str, list[list[float]]] = field(default_factory=dict)  # concept -> per decision step, logit margin
     irece_latched: dict[str, list[int]] = field(default_factory=dict)  # concept -> images the gate latched
+    negative_guided: list[int] = field(default_factory=list)  # uncond rows given a concept's negative embedding
 
 
 class _CallState:
@@ -228,6 +229,9 @@ class _CallState:
         self.latched: dict[str, torch.Tensor] = {}  # concept -> bool [images]: the concept is forming there
         self.masks: dict[str, torch.Tensor] = {}  # concept -> bool [images, 1, H, W] for the cut
         self.plan: tuple[int, dict] | None = None  # (step, IRECE plan) cached for the step's layers
+        #: images in a pipeline call's batch (set by ``DiffusersGuard.__call__``; None in ``erasing()`` blocks,
+        #: where the batch layout is the caller's): CGCE negative guidance needs the [uncond, cond] split
+        self.call_images: int | None = None
 
     def active(self) -> frozenset[str]:
         if self.broadcast is not None:
@@ -662,6 +666,7 @@ class DiffusersGuard:
         per_prompt, broadcast = self._resolve(erase, num_prompts)
         n_images = kwargs.get("num_images_per_prompt", 1) or 1
         state = _CallState(per_prompt, broadcast, int(n_images) if per_prompt is not None else 1)
+        state.call_images = num_prompts * int(n_images) if num_prompts else None
         with self._push(state):
             if self._irece and state.active() & set(self._irece):
                 kwargs = self._with_irece_callback(state, kwargs)
@@ -687,6 +692,7 @@ class DiffusersGuard:
             return hit[1]
         n = embeds.shape[0]
         twins, rows, etas, targets, steps = [], [], [], [], 0
+        negatives: list[tuple[torch.Tensor, torch.Tensor]] = []  # (negative embedding [T, D], flagged rows)
         for name in sorted(active):
             clf = self._classifiers[name]
             if embeds.ndim != 3 or tuple(embeds.shape[1:]) != (clf.seq_len, clf.embed_dim):
@@ -710,15 +716,47 @@ class DiffusersGuard:
                 etas.append(clf.eta)
                 targets.append(clf.target_logit)
                 steps = max(steps, clf.max_steps)
+                if clf.negative_embedding is not None:
+                    negatives.append((clf.negative_embedding, flagged))
         out = embeds
         if twins:
             result = refine(embeds, twins, torch.stack(rows), etas=etas, max_steps=steps, target_logits=targets)
             out = result.embeds
             state.report.refine_steps = max(state.report.refine_steps, result.steps)
+        if negatives:
+            out = self._negative_guidance(state, out, negatives)
         if len(state.cache) >= _CACHE_ENTRIES:  # long erasing() blocks (an attacker's training loop)
             state.cache.pop(next(iter(state.cache)))
         state.cache[key] = (embeds, out)
         return out
+
+    def _negative_guidance(self, state: _CallState, out: torch.Tensor,
+                           negatives: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Flagged conditional rows get their concept's negative embedding as their unconditional row.
+
+        Only in a pipeline call running classifier-free guidance (``[uncond, cond]`` batch of twice
+        the images); without CFG (guidance scale <= 1) or in ``erasing()`` blocks this is a no-op.
+        Replaces the uncond row whatever it was (the empty prompt or the caller's negative prompt /
+        ``negative_prompt_embeds``): for a flagged row, steering away from the concept wins. A row
+        flagged for several concepts gets the mean of their negative embeddings: no concept is
+        dropped, and the result does not depend on pack order. Other rows are the same values.
+        """
+        images = state.call_images
+        if not images or out.shape[0] != 2 * images or not getattr(self.pipe, "do_classifier_free_guidance", False):
+            return out
+        total = torch.zeros_like(out[:images])
+        count = torch.zeros(images, dtype=out.dtype, device=out.device)
+        for negative, flagged in negatives:
+            cond = flagged[images:]
+            total = total + cond[:, None, None].to(out.dtype) * negative.to(out.device, out.dtype)
+            count = count + cond.to(out.dtype)
+        replace = count > 0
+        if not bool(replace.any()):
+            return out
+        mean = total / count.clamp(min=1)[:, None, None]
+        uncond = torch.where(replace[:, None, None], mean, out[:images])
+        state.report.negative_guided = torch.nonzero(replace).flatten().tolist()
+        return torch.cat([uncond, out[images:]])
 
     # -------------------------------------------------------------- IRECE
     def _num_steps(self, state: _CallState) -> int:

@@ -9,6 +9,7 @@ skip, T5 padding, prompt weighting in a subclass) is calibrated on exactly as it
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import json
 import sys
@@ -113,6 +114,26 @@ def _phrases(concept: Concept) -> list[str]:
     return list(concept.keywords) or [concept.name.replace("_", " ").replace("-", " ")]
 
 
+def negative_prompt_of(concept: Concept) -> str:
+    """The text CGCE negative guidance encodes for ``concept``: its keywords (or name), comma-joined."""
+    return ", ".join(_phrases(concept))
+
+
+def add_negative_embedding(pipe: DiffusionPipeline, pack: ConceptPack, negative_prompt: str | None = None,
+                           **encode_kwargs: Any) -> ConceptPack:
+    """``pack`` (cgce) with ``tensors.negative_embedding``: the pipeline's conditioning ``[T, D]`` of the
+    concept's text (``negative_prompt``, default :func:`negative_prompt_of`), the unconditional row
+    negative guidance puts under flagged rows. Packs written before the tensor existed get it here
+    without re-fitting the classifier; ``negative_guidance`` is left as it is.
+    """
+    text = negative_prompt if negative_prompt is not None else negative_prompt_of(pack.concept)
+    negative = encode_conditioning(pipe, [text], **encode_kwargs)[0].contiguous()
+    pack = dataclasses.replace(pack, tensors={**pack.tensors, "negative_embedding": negative},
+                               hyperparameters={**pack.hyperparameters, "negative_prompt": text}, source=None)
+    pack.validate()
+    return pack
+
+
 def _apply_overrides(hp: dict[str, Any], overrides: dict[str, Any], method: str) -> dict[str, Any]:
     unknown = sorted(set(overrides) - set(hp))
     if unknown:
@@ -128,9 +149,13 @@ def calibrate_cgce(
     batch_size: int = 32,
     progress: bool = False,
     encode_kwargs: dict[str, Any] | None = None,
+    negative_prompt: str | None = None,
     **hyperparameters: Any,
 ) -> ConceptPack:
     """Fit a CGCE classifier on ``concept.forget`` (unsafe) vs ``concept.retain`` (safe) prompts.
+
+    The pack also stores ``negative_embedding``, the conditioning of ``negative_prompt`` (default: the
+    concept's keywords, :func:`negative_prompt_of`), used when ``negative_guidance`` is on.
 
     ``encode_kwargs`` go to the pipeline call that encodes prompts (e.g. ``max_sequence_length``):
     they must match how the pipeline will be called, since the classifier reads that shape.
@@ -152,9 +177,13 @@ def calibrate_cgce(
     hp.update(seq_len=int(unsafe.shape[1]), embed_dim=int(unsafe.shape[2]), C=float(detector.steps[-1][1].C),
               train_accuracy=float(((probs > hp["threshold"]) == y).mean()),
               safe_logit=float(z[y == 0].mean()), unsafe_logit=float(z[y == 1].mean()))
+    text = negative_prompt if negative_prompt is not None else negative_prompt_of(concept)
+    hp["negative_prompt"] = text
+    tensors = cgce.pack_tensors_from_detector(detector)
+    tensors["negative_embedding"] = encode_conditioning(pipe, [text], **encode_kwargs)[0].contiguous()
     return ConceptPack(
         concept=concept, method="cgce", fingerprint=fingerprint_pipeline(pipe),
-        tensors=cgce.pack_tensors_from_detector(detector), hyperparameters=hp,
+        tensors=tensors, hyperparameters=hp,
         classifier_onnx=export_detector(detector),
     )
 

@@ -1,0 +1,148 @@
+"""CGCE negative guidance: flagged rows' unconditional CFG embedding -> the concept's own encoding; nothing else moves."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from erasekit.errors import PackError
+from erasekit.guardrails.concept import Concept
+from erasekit.guardrails.pack import ConceptPack
+from erasekit.integrations.diffusers import guard
+from erasekit.integrations.diffusers_calibrate import (
+    add_negative_embedding,
+    calibrate_cgce,
+    encode_conditioning,
+)
+from erasekit.testing import build_tiny_sd_pipeline
+
+SHAPES = ["circle", "square", "star", "heart", "cross"]
+BACKS = ["white", "black", "grey"]
+KW = {"num_inference_steps": 2, "height": 32, "width": 32, "output_type": "pt"}
+RED = "a red star on a white background"
+BLUE = "a blue heart on a grey background"
+
+
+def _gen() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+def _with(pack: ConceptPack, **hp) -> ConceptPack:
+    new = dataclasses.replace(pack, hyperparameters={**pack.hyperparameters, **hp}, source=None)
+    new.validate()
+    return new
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_tiny_sd_pipeline(0)
+
+
+@pytest.fixture(scope="module")
+def pack(pipe):
+    forget = [f"a red {s} on a {b} background" for s in SHAPES for b in BACKS]
+    retain = [f"a {c} {s} on a {b} background" for c in ("blue", "green") for s in SHAPES for b in BACKS]
+    return calibrate_cgce(pipe, Concept("red", forget=forget, retain=retain, keywords=["red"]))
+
+
+def _run(pipe, packs, prompts, erase, **kw):
+    """Images and the conditioning the first cross-attention really received at the first step."""
+    seen: list[torch.Tensor] = []
+    attn = next(m for n, m in pipe.unet.named_modules() if n.endswith("attn2"))
+    handle = attn.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["encoder_hidden_states"].clone()) if not seen else None, with_kwargs=True)
+    try:
+        with guard(pipe, packs) as g:
+            images = g(prompts, generator=_gen(), erase=erase, **{**KW, **kw}).images
+            report = g.last_report
+    finally:
+        handle.remove()
+    return images, seen[0], report
+
+
+def test_pack_stores_the_concept_encoding_and_defaults_off(pipe, pack):
+    assert pack.hyperparameters["negative_guidance"] == 0 and pack.hyperparameters["negative_prompt"] == "red"
+    torch.testing.assert_close(pack.tensors["negative_embedding"], encode_conditioning(pipe, ["red"])[0])
+
+
+def test_flagged_row_uncond_replaced_benign_row_bit_identical(pipe, pack):
+    off_img, off_cond, _ = _run(pipe, [pack], [RED, BLUE], ["red"])
+    on_img, on_cond, report = _run(pipe, [_with(pack, negative_guidance=True)], [RED, BLUE], ["red"])
+    # CFG batch [uncond RED, uncond BLUE, cond RED, cond BLUE]: only RED is flagged
+    assert report.flagged["red"] == [2] and report.negative_guided == [0]
+    assert torch.equal(on_cond[0], pack.tensors["negative_embedding"])
+    assert not torch.equal(off_cond[0], on_cond[0])
+    assert torch.equal(on_cond[1:], off_cond[1:])  # benign uncond row and both cond rows (refined as before)
+    assert torch.equal(on_img[1], off_img[1])  # the benign image is bit-identical
+    assert not torch.equal(on_img[0], off_img[0])
+
+
+def test_no_cfg_and_no_erase_are_no_ops(pipe, pack):
+    on = [_with(pack, negative_guidance=True)]
+    off_img, off_cond, _ = _run(pipe, [pack], [RED, BLUE], ["red"], guidance_scale=1.0)
+    on_img, on_cond, report = _run(pipe, on, [RED, BLUE], ["red"], guidance_scale=1.0)
+    assert on_cond.shape[0] == 2 and report.flagged["red"] == [0] and report.negative_guided == []
+    assert torch.equal(on_img, off_img) and torch.equal(on_cond, off_cond)
+    plain = pipe([RED, BLUE], generator=_gen(), **KW).images
+    assert torch.equal(_run(pipe, on, [RED, BLUE], [])[0], plain)
+
+
+def test_user_negative_prompt_embeds_replaced_only_on_flagged_rows(pipe, pack):
+    embeds, negative = pipe.encode_prompt([RED, BLUE], "cpu", 1, True, negative_prompt=["blurry", "blurry"])
+    seen = []
+    attn = next(m for n, m in pipe.unet.named_modules() if n.endswith("attn2"))
+    handle = attn.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["encoder_hidden_states"].clone()) if not seen else None, with_kwargs=True)
+    try:
+        with guard(pipe, [_with(pack, negative_guidance=True)]) as g:
+            g(prompt_embeds=embeds, negative_prompt_embeds=negative, generator=_gen(), erase=["red"], **KW)
+    finally:
+        handle.remove()
+    assert torch.equal(seen[0][0], pack.tensors["negative_embedding"])
+    assert torch.equal(seen[0][1], negative[1])
+
+
+def test_two_flagged_concepts_on_one_row_average_their_negatives(pipe, pack):
+    other = add_negative_embedding(pipe, dataclasses.replace(pack, concept=dataclasses.replace(pack.concept,
+                                                                                              name="crimson")), "scarlet")
+    packs = [_with(pack, negative_guidance=True), _with(other, negative_guidance=True)]
+    _, cond, report = _run(pipe, packs, [RED, BLUE], ["red", "crimson"])
+    assert report.negative_guided == [0]
+    mean = (pack.tensors["negative_embedding"] + other.tensors["negative_embedding"]) / 2
+    torch.testing.assert_close(cond[0], mean, rtol=0, atol=1e-6)
+
+
+def test_negative_embedding_round_trip_and_rejections(tmp_path, pack):
+    on = _with(pack, negative_guidance=True)
+    loaded = ConceptPack.from_pretrained(on.save_pretrained(tmp_path / "p"))
+    assert loaded.hyperparameters["negative_guidance"] is True
+    assert torch.equal(loaded.tensors["negative_embedding"], pack.tensors["negative_embedding"])
+    assert loaded.manifest_summary()["tensors"]["negative_embedding"]["shape"] == list(
+        pack.tensors["negative_embedding"].shape)
+    bad = pack.tensors["negative_embedding"].clone()
+    bad[0, 0] = float("nan")
+    cases = [
+        (dataclasses.replace(on, tensors={**on.tensors, "negative_embedding": bad}), "tensors.negative_embedding"),
+        (dataclasses.replace(on, tensors={**on.tensors, "negative_embedding": bad[1:].nan_to_num()}),
+         "tensors.negative_embedding"),
+        (dataclasses.replace(on, tensors={k: v for k, v in on.tensors.items() if k != "negative_embedding"}),
+         "hyperparameters.negative_guidance"),
+        (dataclasses.replace(on, hyperparameters={**on.hyperparameters, "negative_guidance": 2}),
+         "hyperparameters.negative_guidance"),
+    ]
+    for broken, field in cases:
+        with pytest.raises(PackError) as err:
+            broken.validate()
+        assert err.value.field == field and err.value.fix
+    # the NaN is refused on load from disk too
+    path = dataclasses.replace(pack, tensors={**pack.tensors, "negative_embedding": bad})
+    with pytest.raises(PackError):
+        path.save_pretrained(tmp_path / "nan")
+        ConceptPack.from_pretrained(tmp_path / "nan")
+    # packs written before the tensor existed still load, negative guidance off
+    old = dataclasses.replace(pack, tensors={k: v for k, v in pack.tensors.items() if k != "negative_embedding"},
+                              hyperparameters={k: v for k, v in pack.hyperparameters.items()
+                                               if k not in ("negative_guidance", "negative_prompt")})
+    old.validate()
