@@ -58,6 +58,17 @@ def test_flagged_prompt_refined_benign_bit_identical(pipe, packs, baseline):
     assert torch.equal(out[1], baseline[1])
 
 
+def test_guard_runs_under_inference_mode(pipe, packs, baseline):
+    """Serving code often wraps calls in ``torch.inference_mode()``; its tensors have no version
+    counter, which the conditioning cache must not rely on."""
+    with guard(pipe, [packs[0]]) as g:
+        expected = g([RED, BLUE], generator=_gen(), erase=["red"], **KW).images
+        with torch.inference_mode():
+            out = g([RED, BLUE], generator=_gen(), erase=["red"], **KW).images
+    assert torch.equal(out, expected)
+    assert torch.equal(out[1], baseline[1]) and not torch.equal(out[0], baseline[0])
+
+
 def test_no_erase_is_bit_identical_and_per_prompt_toggles(pipe, packs, baseline):
     with guard(pipe, [packs[0]]) as g:
         assert torch.equal(g([RED, BLUE], generator=_gen(), **KW).images, baseline)

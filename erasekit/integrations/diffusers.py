@@ -686,7 +686,10 @@ class DiffusersGuard:
         active = state.active() & set(self._classifiers)
         if not active:
             return embeds
-        key = (id(embeds), embeds._version)
+        # Inference tensors (a call under torch.inference_mode) have no version counter; diffusers
+        # never edits prompt embeddings in place (its own caches key on identity), so identity
+        # alone is the key there.
+        key = (id(embeds), -1 if embeds.is_inference() else embeds._version)
         hit = state.cache.get(key)
         if hit is not None and hit[0] is embeds:
             return hit[1]
