@@ -450,11 +450,12 @@ def _time_op(
     slots: dict[int, frozenset[str]],
     bump: bool,
     calls: int,
+    kinds: str = "ak",
 ) -> dict[str, Any]:
     """One op-timing case: ``calls`` steps of two hooked layers on a decode batch of ``rows``."""
     cuda = device.type == "cuda"
     edits = _method_edits(d, dtype, device, cast_all=True)
-    edits = {k: edits[k] for k in ("a", "k")}  # a constant vector and KIF, layers 0 and 1
+    edits = {k: edits[k] for k in kinds}  # "a": a constant vector, "k": KIF; layers 0 and 1
     runner = _fake_runner([1] * rows, [9] * rows, [4] * rows)
     carrier = _carrier(dict(slots))
     eraser = rt.EngineEraser(runner, carrier, edits, [0, 1])
@@ -507,12 +508,14 @@ def _op_timing(sec: Section, rt: Any, device: torch.device, quick: bool) -> None
     out = []
     for rows, d, dtype in configs:
         half = {i: frozenset("ak" if i % 4 == 1 else "a") for i in range(1, rows, 2)}
-        for label, slots, bump in (
-            ("no_slot", {}, False),
-            ("half_toggled", half, False),
-            ("half_toggled_batch_changed_every_step", half, True),
+        half_a = {i: frozenset("a") for i in range(1, rows, 2)}
+        for label, slots, bump, kinds in (
+            ("no_slot", {}, False, "ak"),
+            ("half_toggled_add_vector_only", half_a, False, "a"),
+            ("half_toggled", half, False, "ak"),
+            ("half_toggled_batch_changed_every_step", half, True, "ak"),
         ):
-            row = _time_op(rt, device, rows, d, dtype, label, slots, bump, calls)
+            row = _time_op(rt, device, rows, d, dtype, label, slots, bump, calls, kinds)
             out.append(row)
             log(f"  B: op timing {row}")
     sec.report("op timing per call (2 hooked layers per step, calls = steps x 2)", out)
