@@ -124,7 +124,9 @@ def test_kif_refusal_steering_scales_with_residual_norm_units():
     rows = torch.ones(2, dtype=torch.bool)
     edit = _kif_edit(refusal=0.5)
     assert torch.allclose(edit.edit(2, hidden, layout, rows, Phase.PREFILL)[:, 5], torch.full((2,), 0.5))
-    edit.hp["refusal_units"] = "residual_norm"
+    with pytest.raises(TypeError):  # hyperparameters are folded into the edit when it is built
+        edit.hp["refusal_units"] = "residual_norm"
+    edit = KIFEdit(edit.concept, edit.layers, edit.t, {**edit.hp, "refusal_units": "residual_norm"})
     assert torch.allclose(edit.edit(2, hidden, layout, rows, Phase.PREFILL)[:, 5], torch.full((2,), 5.0))
 
 

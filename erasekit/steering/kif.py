@@ -25,8 +25,11 @@ measured on its own in ``benchmarks/llm_unlearning``. Pure tensor math: no frame
 
 from __future__ import annotations
 
+import copy
 import math
-from typing import Any
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 import torch
 
@@ -135,57 +138,121 @@ def refusal_direction(refuse: torch.Tensor, helpful: torch.Tensor, directions: t
     return (r / r.norm(dim=-1, keepdim=True).clamp_min(1e-12)).float()
 
 
+class _Folded(NamedTuple):
+    """One layer's constants of :meth:`KIFEdit.edit`, folded once when the edit is built.
+
+    ``h @ proj + bias`` gives, per row, the gate's pre-pooling statistic and the projections on
+    the signatures: column 0 is ``(k/σ_s) · (z(h) · d₀)`` (the z-scoring and the gate's slope
+    folded into one vector, so ``bias[0] = −(k/σ_s) · (mean/scale) · d₀``), columns ``1..k`` are
+    ``(h − c) · d_i`` (``bias[1:] = −c · d_i``). A sequence's gate is then
+    ``sigmoid(mean over its rows of column 0 + gate_shift)`` with
+    ``gate_shift = −k μ_s/σ_s − k τ``; ``bias_row`` adds ``gate_shift`` to column 0 already, for
+    layouts with one row per sequence (no pooling). The edit is ``h + [g, g (h − c) · d] @ out``
+    with ``out = [refusal vector; −|s| d_1; ...; −|s| d_k]`` (a zero first row without refusal).
+    """
+
+    proj: torch.Tensor        # [d, 1 + k]
+    bias: torch.Tensor        # [1 + k]
+    bias_row: torch.Tensor    # [1 + k]
+    gate_shift: torch.Tensor  # [1]
+    out: torch.Tensor         # [1 + k, d]
+
+
 class KIFEdit(ResidualEdit):
-    """Gated projection suppression of the concept's activation signature."""
+    """Gated projection suppression of the concept's activation signature.
+
+    Every constant of the edit is folded per layer when the edit is built (see :class:`_Folded`),
+    so ``hyperparameters`` are read then and kept read-only: build a new edit to change them.
+    A call is then a handful of tensor ops (on a GPU, kernel launches), with no host-device sync.
+    """
 
     def __init__(self, concept: str, layers: tuple[int, ...], tensors: dict[str, torch.Tensor],
                  hyperparameters: dict[str, Any]):
         self.concept = concept
         self.layers = tuple(int(x) for x in layers)
         self.t = tensors
-        self.hp = dict(hyperparameters)
+        self.hp: Mapping[str, Any] = MappingProxyType(dict(hyperparameters))
         self.phases = frozenset(Phase(p) for p in self.hp.get("phases", ["prefill", "decode"]))
         self._slot = {layer: i for i, layer in enumerate(self.layers)}
+        self._folded = self._fold()
 
     @classmethod
     def from_pack(cls, pack: Any) -> KIFEdit:
         t = {k: v.float() for k, v in pack.tensors.items() if k in _RUNTIME_TENSORS}
         return cls(pack.name, tuple(pack.tensors["layers"].tolist()), t, pack.hyperparameters)
 
+    def _fold(self) -> list[_Folded]:
+        """Per layer slot, the folded constants (computed in float64, stored in float32)."""
+        t, hp, work = self.t, self.hp, torch.float64
+        mean, scale, sig = t["mean"].to(work), t["scale"].to(work), t["signature_z"].to(work)
+        dirs = t["directions"].to(work)  # [n, k, d]
+        k_gate, tau = float(hp["gate_k"]), float(hp["gate_tau"])
+        slope = k_gate / t["gate_sigma"].to(work)  # [n]
+        w_gate = sig / scale * slope[:, None]  # [n, d]
+        gate_bias = -(mean / scale * sig).sum(-1) * slope  # [n]
+        gate_shift = -slope * t["gate_mu"].to(work) - k_gate * tau  # [n]
+        if hp.get("center"):
+            dir_bias = -(dirs * mean[:, None, :]).sum(-1)  # [n, k]
+        else:
+            dir_bias = torch.zeros(dirs.shape[:2], dtype=work, device=dirs.device)
+        refusal = float(hp.get("refusal_strength", 0.0))
+        if refusal:
+            strength = refusal * (t["residual_norm"].to(work) if hp.get("refusal_units") == "residual_norm"
+                                  else torch.ones_like(slope))
+            refusal_vec = strength[:, None] * t["refusal"].to(work)  # [n, d]
+        else:
+            refusal_vec = torch.zeros_like(mean)
+        out = torch.cat([refusal_vec[:, None, :], -float(hp["suppression"]) * dirs], dim=1)  # [n, 1 + k, d]
+        proj = torch.cat([w_gate[:, :, None], dirs.transpose(1, 2)], dim=2)  # [n, d, 1 + k]
+        bias = torch.cat([gate_bias[:, None], dir_bias], dim=1)  # [n, 1 + k]
+        bias_row = bias.clone()
+        bias_row[:, 0] += gate_shift
+        f32 = torch.float32
+        return [_Folded(proj[i].to(f32).contiguous(), bias[i].to(f32), bias_row[i].to(f32),
+                        gate_shift[i : i + 1].to(f32), out[i].to(f32).contiguous()) for i in range(len(self.layers))]
+
+    def _project(self, f: _Folded, hidden: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """``[N, 1 + k]``: column 0 each row's gate ``g``, columns ``1..k`` ``g (h − c) · d_i``."""
+        h = hidden if hidden.dtype == torch.float32 else hidden.float()
+        if layout.one_row_per_seq:  # decode: a sequence's mean is its one row (padding rows aside)
+            p = torch.addmm(f.bias_row, h, f.proj)
+            gate = p[:, :1].sigmoid_()
+        else:
+            p = torch.addmm(f.bias, h, f.proj)
+            gate = p[:, :1]
+            gate.copy_(self._pool(f, p, layout).index_select(0, layout.row_seq).unsqueeze(-1))
+        p[:, 1:].mul_(gate)
+        return p
+
+    @staticmethod
+    def _pool(f: _Folded, p: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """``[B + 1]`` per-sequence gates from column 0 of :meth:`_project`'s ``p`` (last: padding)."""
+        total = p.new_zeros(layout.num_seqs + 1).index_add_(0, layout.pool_index, p[:, 0])
+        return torch.addcdiv(f.gate_shift, total, layout.pool_count).sigmoid_()
+
     def gate(self, layer: int, hidden: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         """Per-sequence gate ``g`` (``[B]``) from the chunk's mean z-scored state on ``d₀``."""
-        i = self._slot[layer]
-        z = (hidden.float() - self.t["mean"][i]) / self.t["scale"][i]
-        proj = z @ self.t["signature_z"][i]  # [N]
-        seq = layout.seq_index
-        valid = seq >= 0
-        idx = seq.clamp_min(0)
-        total = torch.zeros(layout.num_seqs, dtype=proj.dtype, device=proj.device).index_add_(
-            0, idx, torch.where(valid, proj, torch.zeros_like(proj)))
-        count = torch.zeros_like(total).index_add_(0, idx, valid.to(proj.dtype)).clamp_min(1.0)
-        zstat = (total / count - self.t["gate_mu"][i]) / self.t["gate_sigma"][i]
-        return torch.sigmoid(self.hp["gate_k"] * (zstat - self.hp["gate_tau"]))
+        f = self._folded[self._slot[layer]]
+        p = torch.addmm(f.bias, hidden.float(), f.proj)
+        return self._pool(f, p, layout)[:-1]
 
-    def edit(self, layer: int, hidden: torch.Tensor, layout: TokenLayout, rows: torch.Tensor,
+    def edit(self, layer: int, hidden: torch.Tensor, layout: TokenLayout, rows: torch.Tensor | None,
              phase: Phase) -> torch.Tensor:
+        """See :meth:`ResidualEdit.edit`; ``rows=None`` means every row (no masking)."""
         if phase not in self.phases:
             return hidden
-        i = self._slot[layer]
-        g = self.gate(layer, hidden, layout)[layout.seq_index.clamp_min(0)]  # [N]
-        h = hidden.float()
-        dirs = self.t["directions"][i]  # [k, d]
-        base = h - self.t["mean"][i] if self.hp.get("center") else h
-        removed = (base @ dirs.T) @ dirs  # [N, d]
-        delta = -(g * self.hp["suppression"]).unsqueeze(-1) * removed
-        refusal = self.hp.get("refusal_strength", 0.0)
-        if refusal:
-            if self.hp.get("refusal_units") == "residual_norm":
-                refusal = refusal * self.t["residual_norm"][i]
-            delta = delta + (g * refusal).unsqueeze(-1) * self.t["refusal"][i]
-        return torch.where(rows.unsqueeze(-1), (h + delta).to(hidden.dtype), hidden)
+        f = self._folded[self._slot[layer]]
+        h = hidden if hidden.dtype == torch.float32 else hidden.float()
+        new = torch.addmm(h, self._project(f, h, layout), f.out)
+        if new.dtype != hidden.dtype:
+            new = new.to(hidden.dtype)
+        return new if rows is None else torch.where(rows.unsqueeze(-1), new, hidden)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> KIFEdit:
-        return KIFEdit(self.concept, self.layers, {k: v.to(device) for k, v in self.t.items()}, self.hp)
+        moved = copy.copy(self)  # the folded constants move as they are (no re-fold, same bits)
+        moved.t = {k: v.to(device) for k, v in self.t.items()}
+        moved._folded = [_Folded(*(x.to(device) for x in f)) for f in self._folded]
+        return moved
 
 
 _RUNTIME_TENSORS = ("mean", "scale", "signature_z", "directions", "gate_mu", "gate_sigma", "refusal",

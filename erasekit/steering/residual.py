@@ -22,6 +22,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import torch
@@ -44,6 +45,15 @@ class TokenLayout:
     Attributes:
         seq_index: ``[N]`` int64, sequence of each row; ``-1`` marks padding rows.
         last_index: ``[B]`` int64, row of each sequence's last token in this chunk.
+
+    Every sequence has at least one row, except in padded layouts (:meth:`from_attention_mask`),
+    where a sequence with no rows has padding rows instead: so a layout with as many rows as
+    sequences has one row per sequence (or padding), which :attr:`one_row_per_seq` reads from the
+    shapes alone.
+
+    The derived index tensors below are built on first use and kept with the layout (adapters
+    reuse one layout for every hooked layer of a forward pass, vLLM's for every step with the same
+    rows), so methods do not rebuild them per call.
     """
 
     seq_index: torch.Tensor
@@ -52,6 +62,34 @@ class TokenLayout:
     @property
     def num_seqs(self) -> int:
         return int(self.last_index.shape[0])
+
+    @property
+    def one_row_per_seq(self) -> bool:
+        """Each row is its own sequence's only row (decode; padding rows aside), from shapes only."""
+        return int(self.seq_index.shape[0]) == self.num_seqs
+
+    @cached_property
+    def row_seq(self) -> torch.Tensor:
+        """``[N]`` int64 sequence of each row, padding rows mapped to sequence 0 (a gather index)."""
+        return self.seq_index.clamp_min(0)
+
+    @cached_property
+    def pool_index(self) -> torch.Tensor:
+        """``[N]`` int64 sequence of each row, padding rows mapped to an extra bucket ``num_seqs``
+        (an ``index_add_`` index into ``num_seqs + 1`` buckets that leaves padding out)."""
+        return torch.where(self.seq_index < 0, self.num_seqs, self.seq_index)
+
+    @cached_property
+    def pool_count(self) -> torch.Tensor:
+        """``[num_seqs + 1]`` float32 rows per :attr:`pool_index` bucket, at least 1."""
+        ones = torch.ones(self.seq_index.shape[0], dtype=torch.float32, device=self.seq_index.device)
+        counts = torch.zeros(self.num_seqs + 1, dtype=torch.float32, device=self.seq_index.device)
+        return counts.index_add_(0, self.pool_index, ones).clamp_min_(1.0)
+
+    @cached_property
+    def row_last(self) -> torch.Tensor:
+        """``[N]`` int64 row of the last token of each row's sequence (padding: sequence 0's)."""
+        return self.last_index[self.row_seq]
 
     @classmethod
     def from_query_start_loc(cls, query_start_loc: torch.Tensor) -> TokenLayout:
