@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration-prompts", type=int, default=400)
     p.add_argument("--cgce-negative-guidance", action="store_true",
                    help="CGCE negative guidance on (flagged rows' uncond embedding = the concept's text)")
+    p.add_argument("--cgce-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a tuned CGCE hyperparameter for this run (JSON value), e.g. margin=1.5")
     p.add_argument("--quick", action="store_true", help="few images/steps (CI smoke)")
     p.add_argument("--skip-eval", action="store_true", help="only tune (with --tune)")
     p.add_argument("--overhead-reps", type=int, default=7)
@@ -85,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         hp, cgce_hp = de.tuned_irece_hyperparameters(), de.tuned_cgce_hyperparameters()
         if args.cgce_negative_guidance:
             cgce_hp = {**cgce_hp, "negative_guidance": 1}
+        for item in args.cgce_set:
+            key, _, value = item.partition("=")
+            cgce_hp = {**cgce_hp, key: json.loads(value)}
         packs = de.calibrate_packs(world, concepts, args.calibration_prompts, hp, cache, cgce_hp)
         results = de.evaluate(world, packs, concepts, out, args.quick)
         overhead = de.measure_overhead(world, packs, concepts[0], 2 if args.quick else args.overhead_reps)
