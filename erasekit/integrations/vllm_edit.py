@@ -112,7 +112,7 @@ class _Call:
     #: whole union with a row mask would change matmul shapes, hence rounding (measured: 1 ulp
     #: on KIF's projection).
     layout: TokenLayout | None
-    rows: torch.Tensor | None  # [rows edit sees] bool, all True; None for constant edits
+    rows: torch.Tensor | None  # always None: the edit sees only its own rows, all active
     #: constant edits: ``ResidualEdit.constant_delta(layer)``, ``[d]``; else None
     delta: torch.Tensor | None
     #: constant edits on some working rows only: ``[rows, 1]``, 1 on the call's rows, 0 elsewhere.
@@ -273,16 +273,15 @@ class _Geometry:
             elif self.counts[i] == width:  # the whole working tensor is the union (never _MASKED)
                 def whole() -> tuple:
                     starts, ends = self._union_segments()
-                    return _layout(ends - starts, device), torch.ones(self.n_u, dtype=torch.bool, device=device)
-                layout, rows = self._cached("union", whole)
-                calls.append(_Call(edit, phase, None, layout, rows, None))
+                    return _layout(ends - starts, device)
+                # rows=None: every row of the working tensor (spares the edit a full-tensor where)
+                calls.append(_Call(edit, phase, None, self._cached("union", whole), None, None))
             else:
                 def own(i=i, a=a, b=b) -> tuple:
                     local = np.flatnonzero(self._host[i])
-                    return (torch.from_numpy(local).to(device), _layout(b - a, device),
-                            torch.ones(len(local), dtype=torch.bool, device=device))
-                local, layout, rows = self._cached(i, own)
-                calls.append(_Call(edit, phase, local, layout, rows, None))
+                    return torch.from_numpy(local).to(device), _layout(b - a, device)
+                local, layout = self._cached(i, own)
+                calls.append(_Call(edit, phase, local, layout, None, None))
         adds = tuple((c.mask, c.delta) for c in calls) if all(c.delta is not None for c in calls) else None
         lp = _LayerPlan(self.mode, self.lo, self.hi, calls, adds)
         if self.mode == _MASKED:

@@ -10,7 +10,8 @@ Contract of :meth:`ResidualEdit.edit`:
 * ``hidden`` is the *full* residual stream at the output of decoder layer ``layer`` (vLLM
   adapters pass ``hidden + residual``), one row per token.
 * ``rows`` is a ``[N]`` bool mask of the token rows this concept is active for (the request
-  toggled it and, where the method has a router, the router fired). Rows outside it must come
+  toggled it and, where the method has a router, the router fired), or ``None`` when every row
+  is (the vLLM adapter hands each edit only its own rows). Rows outside it must come
   back bit-identical; adapters only call ``edit`` when at least one row is active, so benign
   batches never reach this code at all.
 * The method returns a new tensor (never edits ``hidden`` in place: frameworks may keep it).
@@ -134,7 +135,7 @@ class ResidualEdit(ABC):
 
     @abstractmethod
     def edit(
-        self, layer: int, hidden: torch.Tensor, layout: TokenLayout, rows: torch.Tensor, phase: Phase
+        self, layer: int, hidden: torch.Tensor, layout: TokenLayout, rows: torch.Tensor | None, phase: Phase
     ) -> torch.Tensor:
         """Return the edited ``[N, d]`` residual stream (see the module docstring)."""
 
@@ -151,8 +152,10 @@ class ResidualEdit(ABC):
         return None
 
 
-def masked_add(hidden: torch.Tensor, rows: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """``hidden + delta`` on ``rows`` only; other rows come back bit-identical."""
+def masked_add(hidden: torch.Tensor, rows: torch.Tensor | None, delta: torch.Tensor) -> torch.Tensor:
+    """``hidden + delta`` on ``rows`` only (every row when ``None``); other rows come back bit-identical."""
+    if rows is None:
+        return hidden + delta.to(hidden.dtype)
     return torch.where(rows.unsqueeze(-1), hidden + delta.to(hidden.dtype), hidden)
 
 
