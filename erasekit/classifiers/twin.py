@@ -24,7 +24,7 @@ their gradient is a constant folded once per twin), a closed-form step for one c
 solver), ``torch.linalg.solve_ex`` for several (no per-step info sync; singular systems are still
 raised, checked in the same transfer as convergence), and exactly one host-device sync: the
 ``active.any()`` convergence check, which is what lets a refinement stop after the 4-12 steps it
-needs instead of running ``max_steps``. Only the rows some classifier flagged are computed.
+needs instead of running ``max_steps``.
 """
 
 from __future__ import annotations
@@ -180,32 +180,30 @@ def refine(
         rows = rows.to(device)
         moved = rows.any(dim=0)
         initial = torch.stack([tw.logits(full).detach() for tw in twins]).sigmoid()  # C, N (all rows)
-        # The flagged rows only (one sync per call): the others are returned untouched anyway.
-        idx = moved.nonzero().flatten()
-        if max_steps <= 0 or idx.numel() == 0:
+        # Every row goes through the loop (unflagged ones with a zero step), not only the flagged
+        # ones: a row's result must not depend on how many neighbours were flagged, and on CUDA
+        # the matmul shapes (hence the rounding) would (measured on an H200: a toggled prompt's
+        # image differed between a mixed batch and an all-toggled one).
+        if max_steps <= 0:
             out, steps, final = base.clone(), 0, initial.clone()
         else:
-            out, steps, final = _refine_rows(
-                base, full.index_select(0, idx), idx, twins, rows.index_select(1, idx), etas, max_steps,
-                target_logits, initial,
-            )
+            x, steps, z = _refine_rows(full, twins, rows, etas, max_steps, target_logits)
+            final = torch.where(moved, torch.sigmoid(z), initial)  # unflagged rows: their scores as given
+            out = torch.where(moved[:, None, None], x.to(base.dtype).view_as(base), base)
     if embeds.requires_grad:
         out = embeds + (out - base)
     return RefineResult(out, steps, initial, final)
 
 
 def _refine_rows(
-    base: torch.Tensor,
     x: torch.Tensor,
-    idx: torch.Tensor,
     twins: list[TorchTwin],
     sub_rows: torch.Tensor,
     etas: list[float],
     max_steps: int,
     target_logits: list[float],
-    initial: torch.Tensor,
 ) -> tuple[torch.Tensor, int, torch.Tensor]:
-    """The refinement loop on the flagged rows ``x`` (``base[idx]`` in float32); call with grad enabled."""
+    """The refinement loop on ``x`` (all rows, float32; ``sub_rows`` [C, N] says who is flagged); call with grad enabled."""
     n_c, device = len(twins), x.device
     goal = torch.tensor(target_logits, dtype=torch.float32)[:, None].to(device, non_blocking=True)  # C, 1
     eta = torch.tensor(etas, dtype=torch.float32)[:, None].to(device, non_blocking=True)  # C, 1
@@ -255,5 +253,4 @@ def _refine_rows(
             x = torch.addcmul(x, grad, (alpha * scale)[:, None, None], value=-1)
         else:
             x = x - (delta * scale[:, None]).view_as(x)
-    final = initial.index_copy(1, idx, torch.sigmoid(z))
-    return base.index_copy(0, idx, x.to(base.dtype)), steps, final
+    return x, steps, z
