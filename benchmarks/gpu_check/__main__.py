@@ -121,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         help="section D: folder with the SD-1.x CLIP tokenizer's vocab.json/merges.txt (a copy of "
         "~/.cache/erasekit/clip-tokenizer-sd1; default: .whl/clip-tokenizer-sd1 if present, else that cache)",
     )
+    parser.add_argument("--d-reps", type=int, default=5, help="section D: timing reps per batch size")
+    parser.add_argument("--d-budget", type=float, default=90.0, help="section D: seconds it may take (reps shrink to fit)")
+    parser.add_argument("--d-batches", default="1,4", help="section D: batch sizes to time")
     args = parser.parse_args(argv)
 
     import torch
@@ -173,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
             (
                 "D",
                 "diffusers guard, SD1.5-sized random pipeline (fp16 on CUDA)",
-                lambda s: sd15.run(s, device, args.quick, args.clip_tokenizer),
+                lambda s: sd15.run(s, device, args.quick, args.clip_tokenizer, budget_s=args.d_budget, reps=args.d_reps,
+                                  batches=tuple(int(b) for b in args.d_batches.split(","))),
             )
         )
     for key, title, fn in plan:

@@ -106,7 +106,8 @@ def _prompts() -> Any:
     return World(pipe=None, detector=None, weights_dir=Path("."))
 
 
-def run(sec: Section, device: torch.device, quick: bool, tokenizer: str | None, budget_s: float = 90.0) -> None:
+def run(sec: Section, device: torch.device, quick: bool, tokenizer: str | None, budget_s: float = 90.0,
+        reps: int = 5, batches: tuple[int, ...] = (1, 4)) -> None:
     import diffusers
 
     from erasekit import Concept
@@ -128,7 +129,7 @@ def run(sec: Section, device: torch.device, quick: bool, tokenizer: str | None, 
     sec.report("dtype", str(dtype))
 
     world = _prompts()
-    n_prompts, size, steps, batches, reps = (16, 64, 4, (1, 2), 2) if quick else (64, 512, 20, (1, 4), 5)
+    n_prompts, size, steps, batches, reps = (16, 64, 4, (1, 2), 2) if quick else (64, 512, 20, batches, reps)
     t0 = time.perf_counter()
     concept = Concept(CONCEPT, forget=world.train_prompts(CONCEPT, n_prompts, seed=1),
                       retain=world.retain_prompts(CONCEPT, n_prompts, seed=1), keywords=[CONCEPT])
