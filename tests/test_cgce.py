@@ -200,3 +200,23 @@ def test_refine_with_two_identical_classifiers_stays_finite(fitted):
     result = refine(x, [twin, twin], rows, etas=[1.0, 1.0], max_steps=20, target_logits=[-3.0, -5.0])
     assert torch.isfinite(result.embeds).all()
     assert (twin.logits(result.embeds) <= -3.0 + 1e-2).all()
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_twin_gradient_shortcut_equals_autograd_of_the_features(flat):
+    """refine() differentiates only the twin's non-linear features and adds the linear ones'
+    constant gradient; logits and gradient must equal autograd through the feature function."""
+    gen = torch.Generator().manual_seed(3)
+    n, t, d, k = 3, 5, 8, 2
+    width = 2 * d + 1 + (t * d if flat else 0)
+    twin = TorchTwin(concept=torch.randn(k, d, generator=gen), weight=torch.randn(width, generator=gen),
+                     bias=torch.randn(1, generator=gen), tau=0.2, flat=flat)
+    x = torch.randn(n, t, d, generator=gen)
+    with torch.enable_grad():
+        logits, grad = twin.logits_for_grad(x)
+        xr = x.clone().requires_grad_(True)
+        reference = twin.logits(xr)
+        (expected,) = torch.autograd.grad(reference.sum(), xr)
+        got = grad()
+    torch.testing.assert_close(logits, reference.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
