@@ -10,7 +10,7 @@ import torch
 from erasekit.errors import PackError
 from erasekit.guardrails.concept import Concept
 from erasekit.guardrails.pack import ConceptPack
-from erasekit.integrations.diffusers import guard
+from erasekit.integrations.diffusers import HOOK_NAME, guard
 from erasekit.integrations.diffusers_calibrate import (
     add_negative_embedding,
     calibrate_cgce,
@@ -146,3 +146,23 @@ def test_negative_embedding_round_trip_and_rejections(tmp_path, pack):
                               hyperparameters={k: v for k, v in pack.hyperparameters.items()
                                                if k not in ("negative_guidance", "negative_prompt")})
     old.validate()
+
+
+def test_negative_guidance_with_irece_refused_nothing_attached(pipe, pack):
+    """IRECE's text cut copies the unconditional branch, which negative guidance makes the concept:
+    the combination is refused up front, before any hook or processor is installed."""
+    from erasekit.integrations.diffusers_calibrate import calibrate_irece
+
+    concept = Concept("blue", forget=[f"a blue {s} on a white background" for s in SHAPES],
+                      retain=[f"a green {s} on a white background" for s in SHAPES], keywords=["blue"])
+    irece = calibrate_irece(pipe, concept, n_prompts=4, threshold=0.0, end=1.0,
+                            call_kwargs={"num_inference_steps": 2, "height": 32, "width": 32})
+    processors = dict(pipe.unet.attn_processors)
+    with pytest.raises(PackError, match="cannot be combined with IRECE") as info:
+        guard(pipe, [_with(pack, negative_guidance=1), irece])
+    assert info.value.field == "hyperparameters.negative_guidance"
+    assert dict(pipe.unet.attn_processors) == processors
+    registry = getattr(pipe.unet, "_diffusers_hook", None)
+    assert registry is None or registry.get_hook(HOOK_NAME) is None
+    with guard(pipe, [pack, irece]):  # negative guidance off: the same packs guard together
+        pass

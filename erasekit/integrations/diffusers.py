@@ -459,6 +459,13 @@ class DiffusersGuard:
         self.fault_counts: dict[str, int] = {}
         self._classifiers = {p.name: CGCEClassifier.from_pack(p) for p in loaded if p.method == "cgce"}
         self._irece = {p.name: self._irece_concept(p) for p in loaded if p.method == "irece"}
+        negative = sorted(n for n, c in self._classifiers.items() if c.negative_embedding is not None)
+        if negative and self._irece:  # refused before anything attaches
+            raise PackError(f"CGCE pack {negative[0]!r}", "hyperparameters.negative_guidance",
+                            f"negative guidance (on for {negative}) cannot be combined with IRECE packs "
+                            f"({sorted(self._irece)}): IRECE's text cut copies the unconditional branch into "
+                            "latched images, and negative guidance makes that branch the concept itself",
+                            "set negative_guidance=false on those CGCE packs, or guard without the IRECE packs")
         #: maps back onto the latent grid: UNet maps are coarser feature maps (bilinear, as before);
         #: SD3's are patch grids, each token exactly p x p latent pixels (nearest).
         self._upsample = "nearest" if denoiser_family(pipe) == "sd3" else "bilinear"
