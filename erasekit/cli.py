@@ -32,7 +32,7 @@ CALIBRATORS = {
     "irece": "erasekit.integrations.diffusers_calibrate",
 }
 #: Methods whose calibration calls a diffusers pipeline, so ``--call KEY=VALUE`` applies to them.
-DIFFUSION_METHODS = ("cgce", "irece")
+DIFFUSION_METHODS = tuple(m for m, module in CALIBRATORS.items() if module.endswith(".diffusers_calibrate"))
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
