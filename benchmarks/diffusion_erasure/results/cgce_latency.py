@@ -1,4 +1,7 @@
-"""CGCE latency alone, paired: ``PYTHONPATH=. python benchmarks/diffusion_erasure/results/cgce_latency.py PACKS [REPS]``.
+"""CGCE latency alone, paired: ``PYTHONPATH=. python benchmarks/diffusion_erasure/results/cgce_latency.py PACKS [REPS] [--irece]``.
+
+``--irece`` times CGCE + IRECE instead (IRECE calibrated here with the tuned settings, as the
+benchmark does: about 1000 generations, a few minutes on one thread).
 
 The benchmark's overhead section times both guards in one pass; on a shared box its medians move by
 several percent (it once measured +17 % on *benign* prompts, where the guard only runs a 0.03 ms
@@ -28,7 +31,9 @@ def main() -> None:
     from erasekit.testing.diffusion_world import load_world
 
     torch.set_num_threads(1)
-    packs, reps, concept = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 15, "circle"
+    args = [a for a in sys.argv[1:] if a != "--irece"]
+    with_irece = "--irece" in sys.argv[1:]
+    packs, reps, concept = args[0], int(args[1]) if len(args) > 1 else 15, "circle"
     timings: list[tuple[float, int]] = []
     original = dmod.refine
 
@@ -44,9 +49,16 @@ def main() -> None:
         world.pipe.set_progress_bar_config(disable=True)
         pack = de.with_hyperparameters(ConceptPack.from_pretrained(f"{packs}/{concept}-cgce-v2-300"),
                                        **de.tuned_cgce_hyperparameters())
+        guard_packs = [pack]
+        if with_irece:
+            from pathlib import Path
+
+            calibrated = de.calibrate_packs(world, [concept], 300, de.tuned_irece_hyperparameters(), Path(packs),
+                                            de.tuned_cgce_hyperparameters())
+            guard_packs = [calibrated[concept]["cgce"], calibrated[concept]["irece"]]
         benign = [s.prompt for s in world.benign_specs(concept, 4, 3)]  # the benchmark's overhead prompts
         flagged = world.direct_prompts(concept, 4, 3)
-        g = guard(world.pipe, [pack])
+        g = guard(world.pipe, guard_packs)
         times: dict[str, list[float]] = {k: [] for k in ("base_benign", "guard_benign", "base_flagged", "guard_flagged")}
 
         def clock(fn) -> float:  # noqa: ANN001
@@ -64,7 +76,7 @@ def main() -> None:
     pair = {k: statistics.median([a / b - 1 for a, b in zip(times[f"guard_{k}"], times[f"base_{k}"], strict=True)])
             for k in ("benign", "flagged")}
     print(json.dumps({
-        "reps": reps, "images_per_call": 4, "median_s": med,
+        "guard": "cgce+irece" if with_irece else "cgce", "reps": reps, "images_per_call": 4, "median_s": med,
         "overhead_ratio_of_medians": {k: med[f"guard_{k}"] / med[f"base_{k}"] - 1 for k in ("benign", "flagged")},
         "overhead_paired_median": pair,
         "refine_ms_median": 1e3 * statistics.median(t for t, _ in timings),
