@@ -24,6 +24,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from erasekit.steering.residual import Phase, ResidualEdit, TokenLayout
+from erasekit.testing.vllm_edit_fixtures import method_edits as shared_method_edits
 
 #: top-level aten ops that never launch a kernel (metadata / views only)
 VIEW_OPS = frozenset({"aten::slice", "aten::select", "aten::unsqueeze", "aten::view", "aten::expand",
@@ -56,20 +57,9 @@ def count_ops(fn: Callable[[], Any], repeat: int = 3) -> dict[str, Any]:
 
 
 def method_edits(d: int) -> dict[str, ResidualEdit]:
-    """KIF (center + refusal, the vLLM unit tests' and gpu_check's settings) and MLLMEraser."""
-    from erasekit.steering.kif import KIFEdit
-    from erasekit.steering.mllmeraser import MLLMEraserEdit
-
-    g = torch.Generator().manual_seed(0)
-    kif_t = {"mean": torch.randn(2, d, generator=g), "scale": torch.rand(2, d, generator=g) + 0.5,
-             "signature_z": torch.randn(2, d, generator=g), "directions": torch.randn(2, 3, d, generator=g),
-             "gate_mu": torch.zeros(2), "gate_sigma": torch.ones(2), "refusal": torch.randn(2, d, generator=g),
-             "residual_norm": torch.ones(2)}
-    hp = {"suppression": 0.8, "gate_k": 1.6, "gate_tau": -1.0, "center": True, "refusal_strength": 0.5,
-          "phases": ["prefill", "decode"]}
-    return {"kif": KIFEdit("k", (0, 1), kif_t, hp),
-            "mllmeraser": MLLMEraserEdit("m", (0, 1), torch.randn(2, d, generator=g),
-                                         torch.randn(2, d, generator=g), -0.3)}
+    """KIF (centred, with refusal) and MLLMEraser: the vLLM unit tests' and gpu_check's edits."""
+    edits = shared_method_edits(d)
+    return {"kif": edits["k"], "mllmeraser": edits["m"]}
 
 
 def layouts() -> dict[str, tuple[TokenLayout, Phase]]:

@@ -20,6 +20,13 @@ from erasekit.integrations import vllm_plugin  # noqa: E402
 from erasekit.integrations.vllm_runtime import EngineEraser, EraseLogitsProcessor  # noqa: E402
 from erasekit.steering.add_vector import make_add_vector_pack  # noqa: E402
 from erasekit.steering.residual import AddVector, Phase  # noqa: E402
+from erasekit.testing.vllm_edit_fixtures import (  # noqa: E402
+    PLAN_CASES,
+    bits,
+    fake_runner,
+    method_edits,
+    reference_edit,
+)
 
 FP = ModelFingerprint("LlamaForCausalLM", 8, 3, 32, "ab" * 32)
 
@@ -143,23 +150,9 @@ def test_worker_never_raises_and_refuses_per_on_error(world):
     assert not lp.refused
 
 
-class _FakeBatch:
-    def __init__(self, lengths, computed, prompt):
-        self.num_reqs = len(lengths)
-        self.num_computed_tokens_cpu = np.array(computed)
-        self.num_prompt_tokens = np.array(prompt)
-
-
-def _fake_runner(lengths, computed, prompt):
-    qsl = np.zeros(len(lengths) + 4, dtype=np.int32)
-    qsl[1 : len(lengths) + 1] = np.cumsum(lengths)
-    qsl[len(lengths) + 1 :] = qsl[len(lengths)]
-    return SimpleNamespace(input_batch=_FakeBatch(lengths, computed, prompt), query_start_loc=SimpleNamespace(np=qsl))
-
-
 def test_eraser_edits_only_active_rows_with_phase_split():
     # slot 0: decode (1 row); slot 1: prefill of 3 rows; slot 2: mixed chunk (2 prompt + 1 output rows)
-    runner = _fake_runner([1, 3, 3], computed=[5, 0, 3], prompt=[4, 3, 5])
+    runner = fake_runner([1, 3, 3], computed=[5, 0, 3], prompt=[4, 3, 5])
     carrier = SimpleNamespace(slots={1: frozenset({"a"}), 2: frozenset({"a", "p"})}, refused={}, errors=0, version=0,
                               fail_slots=lambda s: None)
     edits = {"a": AddVector("a", {0: torch.ones(4)}),
@@ -181,7 +174,7 @@ def test_eraser_edits_only_active_rows_with_phase_split():
 
 
 def test_benign_step_writes_nothing():
-    runner = _fake_runner([2, 2], computed=[0, 0], prompt=[2, 2])
+    runner = fake_runner([2, 2], computed=[0, 0], prompt=[2, 2])
     carrier = SimpleNamespace(slots={}, refused={}, errors=0, version=0, fail_slots=lambda s: None)
     eraser = EngineEraser(runner, carrier, {"a": AddVector("a", {0: torch.ones(4)})}, [0])
     h, r = torch.randn(4, 4), torch.randn(4, 4)
@@ -196,7 +189,7 @@ def test_failing_edit_is_counted_not_raised():
             raise RuntimeError("boom")
 
     failed = []
-    runner = _fake_runner([2], computed=[0], prompt=[2])
+    runner = fake_runner([2], computed=[0], prompt=[2])
     carrier = SimpleNamespace(slots={0: frozenset({"a"})}, refused={}, errors=0, version=0, fail_slots=failed.append)
     eraser = EngineEraser(runner, carrier, {"a": Boom("a", {0: torch.ones(4)})}, [0])
     h, r = torch.randn(2, 4), torch.randn(2, 4)
@@ -212,7 +205,7 @@ def test_op_survives_torch_compile():
     A plain Python hook would be traced once with an empty slot table and never edit again;
     this test fails if the edit is baked out of the compiled graph.
     """
-    runner = _fake_runner([3], computed=[0], prompt=[3])
+    runner = fake_runner([3], computed=[0], prompt=[3])
     carrier = SimpleNamespace(slots={}, refused={}, errors=0, version=0, fail_slots=lambda s: None)
     eraser = EngineEraser(runner, carrier, {"a": AddVector("a", {0: torch.ones(4)})}, [0])
 
@@ -232,7 +225,7 @@ def test_op_survives_torch_compile():
 
 
 def test_decode_plan_is_reused_until_the_batch_changes():
-    runner = _fake_runner([1, 1], computed=[5, 5], prompt=[3, 3])  # both decoding
+    runner = fake_runner([1, 1], computed=[5, 5], prompt=[3, 3])  # both decoding
     carrier = SimpleNamespace(slots={0: frozenset({"a"})}, refused={}, errors=0, version=0, fail_slots=lambda s: None)
     eraser = EngineEraser(runner, carrier, {"a": AddVector("a", {0: torch.ones(2)})}, [0])
     h, r = torch.zeros(2, 2), torch.zeros(2, 2)
@@ -250,90 +243,11 @@ def test_decode_plan_is_reused_until_the_batch_changes():
 
 
 # -- the fused per-layer plan must reproduce the one-group-at-a-time semantics bit for bit -----
-def _reference_edit(edits, slots, lengths, computed, prompt, layer, hidden, residual):
-    """The straightforward algorithm: per (concept, phase) in name order, gather that group's
-    rows, edit ``hidden + residual`` with the group's own layout, write back ``(new, 0)``."""
-    from collections import defaultdict
-
-    from erasekit.steering.residual import TokenLayout
-
-    qsl = np.concatenate([[0], np.cumsum(lengths)])
-    groups = defaultdict(list)
-    for slot, concepts in slots.items():
-        start, end = int(qsl[slot]), int(qsl[slot + 1])
-        n_prefill = min(max(prompt[slot] - computed[slot], 0), end - start)
-        parts = [(Phase.PREFILL, start, start + n_prefill), (Phase.DECODE, start + n_prefill, end)]
-        for c in concepts:
-            for phase, a, b in parts:
-                if b > a and phase in edits[c].phases:
-                    groups[(c, phase)].append((a, b))
-    h, r = hidden.clone(), residual.clone()
-    for c, phase in sorted(groups, key=lambda g: (g[0], g[1].value)):
-        if layer not in edits[c].layers:
-            continue
-        segs = sorted(groups[(c, phase)])
-        idx = torch.cat([torch.arange(a, b) for a, b in segs])
-        sub_qsl = torch.tensor([0] + np.cumsum([b - a for a, b in segs]).tolist())
-        new = edits[c].edit(layer, h[idx] + r[idx], TokenLayout.from_query_start_loc(sub_qsl),
-                            torch.ones(len(idx), dtype=torch.bool), phase)
-        h[idx] = new.to(h.dtype)
-        r[idx] = 0
-    return h, r
-
-
-def _method_edits(d, dtype):
-    from erasekit.steering.kif import KIFEdit
-    from erasekit.steering.mllmeraser import MLLMEraserEdit
-
-    g = torch.Generator().manual_seed(0)
-    kif_t = {"mean": torch.randn(2, d, generator=g), "scale": torch.rand(2, d, generator=g) + 0.5,
-             "signature_z": torch.randn(2, d, generator=g), "directions": torch.randn(2, 3, d, generator=g),
-             "gate_mu": torch.zeros(2), "gate_sigma": torch.ones(2), "refusal": torch.randn(2, d, generator=g),
-             "residual_norm": torch.ones(2)}
-    hp = {"suppression": 0.8, "gate_k": 1.6, "gate_tau": -1.0, "center": True, "refusal_strength": 0.5,
-          "phases": ["prefill", "decode"]}
-    return {
-        "a": AddVector("a", {0: torch.randn(d, generator=g).to(dtype), 1: torch.randn(d, generator=g).to(dtype)}),
-        "b": AddVector("b", {1: torch.randn(d, generator=g).to(dtype)}),
-        "k": KIFEdit("k", (0, 1), kif_t, hp),
-        "m": MLLMEraserEdit("m", (0, 1), torch.randn(2, d, generator=g), torch.randn(2, d, generator=g), -0.3),
-        "p": AddVector("p", {0: torch.randn(d, generator=g).to(dtype)}, frozenset({Phase.PREFILL})),
-    }
-
-
-def _bits(t):
-    """The tensor's bit pattern with the sign of zeros made positive. The in-place paths zero
-    ``residual`` by a multiply, which leaves -0.0 where the residual was negative; the next
-    layer's ``hidden + (-0.0)`` equals ``hidden`` exactly (``hidden + 0.0``, the reference's zero,
-    would only turn a -0.0 hidden into +0.0), so both zeros feed it the same stream."""
-    canonical = t + 0.0  # -0.0 + 0.0 == +0.0; every other value unchanged
-    return canonical.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
-
-
-#: (lengths, computed, prompt, slots) per layout; letters are the concepts of _method_edits
-_PLAN_CASES = {
-    # prefill, decode and a mixed chunk (recompute after preemption) side by side
-    "mixed": ([1, 3, 3, 1, 2], [5, 0, 3, 7, 0], [4, 3, 5, 2, 2],
-              {0: frozenset("ak"), 1: frozenset("ap"), 2: frozenset("abkmp"), 4: frozenset("bm")}),
-    # the benchmark's pattern: odd slots toggled, some with two concepts (union with gaps)
-    "decode_half": ([1] * 16, [9] * 16, [4] * 16, {i: frozenset("ak" if i % 4 == 1 else "abk") for i in range(1, 16, 2)}),
-    # the same with constant (add_vector) concepts only: the layer is its adds and nothing else
-    "decode_half_constant": ([1] * 16, [9] * 16, [4] * 16,
-                             {i: frozenset("a" if i % 4 == 1 else "ab") for i in range(1, 16, 2)}),
-    # every row toggled: the contiguous in-place path, one concept on every other row
-    "decode_all": ([1] * 8, [9] * 8, [4] * 8, {i: frozenset("abk" if i % 2 else "ak") for i in range(8)}),
-    # long prefill chunks next to an untoggled decode row: unions above _SMALL_UNION rows, with a gap
-    "long_prefill": ([200, 150, 1, 120], [0, 0, 9, 0], [200, 150, 3, 120],
-                     {0: frozenset("akm"), 1: frozenset("bp"), 3: frozenset("abkmp")}),
-    # long contiguous union with partial concepts (constant edits by index_add_)
-    "long_contiguous": ([200, 150, 120], [0, 0, 0], [200, 150, 120],
-                        {0: frozenset("akm"), 1: frozenset("bp"), 2: frozenset("abkmp")}),
-}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("masked_max", ["default", "gather"])
-@pytest.mark.parametrize("case", sorted(_PLAN_CASES))
+@pytest.mark.parametrize("case", sorted(PLAN_CASES))
 def test_fused_layer_plan_equals_group_by_group(case, masked_max, dtype, monkeypatch):
     """Every plan mode reproduces the one-group-at-a-time algorithm bit for bit, and never writes
     rows outside the block it works on. ``gather`` forces the gathered path for unions with gaps."""
@@ -343,9 +257,9 @@ def test_fused_layer_plan_equals_group_by_group(case, masked_max, dtype, monkeyp
         monkeypatch.setattr(rt, "_MASKED_MAX_ELEMS", 0)
         monkeypatch.setattr(rt, "_MASKED_MAX_ROWS", 0)
     d = 16
-    lengths, computed, prompt, slots = _PLAN_CASES[case]
-    edits = _method_edits(d, dtype)
-    runner = _fake_runner(lengths, computed, prompt)
+    lengths, computed, prompt, slots = PLAN_CASES[case]
+    edits = method_edits(d, dtype)
+    runner = fake_runner(lengths, computed, prompt)
     carrier = SimpleNamespace(slots=slots, refused={}, errors=0, version=0, fail_slots=lambda s: None)
     eraser = EngineEraser(runner, carrier, edits, [0, 1])
     n = sum(lengths) + 3  # padding rows after the real ones
@@ -355,8 +269,8 @@ def test_fused_layer_plan_equals_group_by_group(case, masked_max, dtype, monkeyp
     want_h, want_r = hidden, residual
     for layer in (0, 1):
         torch.ops.erasekit.vllm_edit_(h, r, layer, eraser.key)
-        want_h, want_r = _reference_edit(edits, slots, lengths, computed, prompt, layer, want_h, want_r)
-        assert torch.equal(_bits(h), _bits(want_h)) and torch.equal(_bits(r), _bits(want_r)), f"layer {layer}"
+        want_h, want_r = reference_edit(edits, slots, lengths, computed, prompt, layer, want_h, want_r)
+        assert torch.equal(bits(h), bits(want_h)) and torch.equal(bits(r), bits(want_r)), f"layer {layer}"
     assert eraser.steps_edited == 1 and carrier.errors == 0 and eraser.plans_built == 1
     edited = set(np.flatnonzero((want_h != hidden).any(1).numpy()).tolist())
     assert edited and not edited & set(range(sum(lengths), n))  # something was edited, never padding
@@ -372,7 +286,7 @@ def test_plan_is_kept_when_only_untoggled_requests_change():
     """An untoggled request joining, leaving or moving does not rebuild the plan while the toggled
     requests keep their rows; a toggled request moving (a new layout) does, and a layout seen
     before is recalled, not rebuilt."""
-    runner = _fake_runner([1, 1, 1, 1], computed=[5] * 4, prompt=[3] * 4)
+    runner = fake_runner([1, 1, 1, 1], computed=[5] * 4, prompt=[3] * 4)
     carrier = SimpleNamespace(slots={0: frozenset({"a"}), 2: frozenset({"a"})}, refused={}, errors=0, version=0,
                               fail_slots=lambda s: None)
     eraser = EngineEraser(runner, carrier, {"a": AddVector("a", {0: torch.ones(2)})}, [0])
@@ -407,7 +321,7 @@ def test_plan_is_kept_when_only_untoggled_requests_change():
 def test_plan_follows_concepts_and_phase_when_rows_stay():
     """Same slots, same rows: a new request with other concepts in the slot, or a chunk moving from
     prompt to output tokens, must still change what is edited (the plan's key covers both)."""
-    runner = _fake_runner([2, 2], computed=[0, 0], prompt=[4, 4])  # two prompt chunks of 2 rows
+    runner = fake_runner([2, 2], computed=[0, 0], prompt=[4, 4])  # two prompt chunks of 2 rows
     carrier = SimpleNamespace(slots={0: frozenset({"a"}), 1: frozenset({"p"})}, refused={}, errors=0, version=0,
                               fail_slots=lambda s: None)
     edits = {"a": AddVector("a", {0: torch.ones(1)}),
@@ -445,7 +359,7 @@ def test_next_layer_norm_sees_untoggled_rows_exactly_as_stock(dtype):
     toggled = {i: frozenset("a") for i in range(1, rows, 2)}
     g = torch.Generator().manual_seed(3)
     edits = {"a": AddVector("a", {0: torch.randn(d, generator=g).to(dtype)})}
-    runner = _fake_runner([1] * rows, [9] * rows, [4] * rows)
+    runner = fake_runner([1] * rows, [9] * rows, [4] * rows)
     carrier = SimpleNamespace(slots=toggled, refused={}, errors=0, version=0, fail_slots=lambda s: None)
     eraser = EngineEraser(runner, carrier, edits, [0])
     hidden, residual = torch.randn(rows, d, generator=g).to(dtype), torch.randn(rows, d, generator=g).to(dtype)
@@ -456,12 +370,12 @@ def test_next_layer_norm_sees_untoggled_rows_exactly_as_stock(dtype):
     out, res = norm(h.clone(), r.clone(), weight, 1e-6)
     stock_out, stock_res = norm(hidden.clone(), residual.clone(), weight, 1e-6)
     plain = list(range(0, rows, 2))
-    assert torch.equal(_bits(out[plain]), _bits(stock_out[plain])) and torch.equal(_bits(res[plain]), _bits(stock_res[plain]))
-    assert torch.equal(_bits(h[plain]), _bits(hidden[plain])) and torch.equal(_bits(r[plain]), _bits(residual[plain]))
+    assert torch.equal(bits(out[plain]), bits(stock_out[plain])) and torch.equal(bits(res[plain]), bits(stock_res[plain]))
+    assert torch.equal(bits(h[plain]), bits(hidden[plain])) and torch.equal(bits(r[plain]), bits(residual[plain]))
     odd = list(range(1, rows, 2))
     edited = (hidden[odd] + residual[odd]) + edits["a"].vectors[0]
     want_out, want_res = norm(edited, torch.zeros_like(edited), weight, 1e-6)
-    assert torch.equal(_bits(out[odd]), _bits(want_out)) and torch.equal(_bits(res[odd]), _bits(want_res))
+    assert torch.equal(bits(out[odd]), bits(want_out)) and torch.equal(bits(res[odd]), bits(want_res))
     naive_out, _ = norm(hidden + residual, torch.zeros_like(residual), weight, 1e-6)
     assert torch.equal(naive_out[plain], stock_out[plain]) == (dtype == torch.float32)
 
@@ -541,7 +455,7 @@ def test_carrier_recalls_a_readded_request_instead_of_counting_it_again(world):
     to recompute its tokens still counts as resumed."""
     lp = _lp(world)
     p0, p1, p2 = _sp(), _sp(["alpha"]), _sp(["beta"])
-    runner = _fake_runner([1, 1, 1], computed=[4, 4, 4], prompt=[4, 4, 4])
+    runner = fake_runner([1, 1, 1], computed=[4, 4, 4], prompt=[4, 4, 4])
     lp.batch_of = lambda: runner.input_batch
     lp.update_state(BatchUpdate(3, removed=[], added=[(0, p0, [1], []), (1, p1, [1], []), (2, p2, [1], [])], moved=[]))
     assert lp.requests_guarded == 3 and lp.requests_resumed == 0

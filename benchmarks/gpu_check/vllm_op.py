@@ -19,50 +19,20 @@ does on the CPU.
 from __future__ import annotations
 
 import importlib
-import re
 import time
-from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
 import torch
 
 from benchmarks.gpu_check.common import Section, log, sync
+from erasekit.testing.vllm_edit_fixtures import PLAN_CASES, bits, fake_runner, method_edits, reference_edit
 
-DEFAULT_MODULE = "erasekit.integrations.vllm_edit"
-SPLIT_MARKER = Path(__file__).resolve().parents[2] / ".split_done"
-
-
-def op_module_name() -> str:
-    """The torch-only module holding the op: named in ``.split_done`` when the split is done."""
-    if SPLIT_MARKER.is_file():
-        text = SPLIT_MARKER.read_text()
-        found = [f"erasekit.integrations.{m}" for m in re.findall(r"erasekit/integrations/(\w+)\.py", text)]
-        found += re.findall(r"(?<![\w.])erasekit\.integrations\.\w+", text)
-        if found:
-            return found[0]
-    return DEFAULT_MODULE
+OP_MODULE = "erasekit.integrations.vllm_edit"
 
 
-# ------------------------------------------------------------------ fake runner / carrier
-class _FakeBatch:
-    def __init__(self, lengths: list[int], computed: list[int], prompt: list[int]) -> None:
-        self.num_reqs = len(lengths)
-        self.num_computed_tokens_cpu = np.array(computed)
-        self.num_prompt_tokens = np.array(prompt)
-
-
-def _fake_runner(lengths: list[int], computed: list[int], prompt: list[int]) -> SimpleNamespace:
-    qsl = np.zeros(len(lengths) + 4, dtype=np.int32)
-    qsl[1 : len(lengths) + 1] = np.cumsum(lengths)
-    qsl[len(lengths) + 1 :] = qsl[len(lengths)]
-    return SimpleNamespace(
-        input_batch=_FakeBatch(lengths, computed, prompt), query_start_loc=SimpleNamespace(np=qsl)
-    )
-
-
+# ------------------------------------------------------------------ fake carrier
 def _carrier(slots: dict[int, frozenset[str]]) -> SimpleNamespace:
     failed: list[list[int]] = []
     return SimpleNamespace(
@@ -76,132 +46,6 @@ def _carrier(slots: dict[int, frozenset[str]]) -> SimpleNamespace:
     )
 
 
-# ------------------------------------------------------------------ reference (copy of the unit test's)
-def _reference_edit(
-    edits: dict,
-    slots: dict,
-    lengths: list[int],
-    computed: list[int],
-    prompt: list[int],
-    layer: int,
-    hidden: torch.Tensor,
-    residual: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """tests/test_vllm_units.py::_reference_edit with its index tensors on ``hidden``'s device:
-    per (concept, phase) in name order, gather that group's rows, edit ``hidden + residual`` with
-    the group's own layout, write back ``(new, 0)``."""
-    from erasekit.steering.residual import Phase, TokenLayout
-
-    dev = hidden.device
-    qsl = np.concatenate([[0], np.cumsum(lengths)])
-    groups: dict = defaultdict(list)
-    for slot, concepts in slots.items():
-        start, end = int(qsl[slot]), int(qsl[slot + 1])
-        n_prefill = min(max(prompt[slot] - computed[slot], 0), end - start)
-        parts = [(Phase.PREFILL, start, start + n_prefill), (Phase.DECODE, start + n_prefill, end)]
-        for c in concepts:
-            for phase, a, b in parts:
-                if b > a and phase in edits[c].phases:
-                    groups[(c, phase)].append((a, b))
-    h, r = hidden.clone(), residual.clone()
-    for c, phase in sorted(groups, key=lambda g: (g[0], g[1].value)):
-        if layer not in edits[c].layers:
-            continue
-        segs = sorted(groups[(c, phase)])
-        idx = torch.cat([torch.arange(a, b) for a, b in segs]).to(dev)
-        sub_qsl = torch.tensor([0] + np.cumsum([b - a for a, b in segs]).tolist(), device=dev)
-        new = edits[c].edit(
-            layer,
-            h[idx] + r[idx],
-            TokenLayout.from_query_start_loc(sub_qsl),
-            torch.ones(len(idx), dtype=torch.bool, device=dev),
-            phase,
-        )
-        h[idx] = new.to(h.dtype)
-        r[idx] = 0
-    return h, r
-
-
-def _method_edits(d: int, dtype: torch.dtype, device: torch.device, cast_all: bool = False) -> dict:
-    """tests/test_vllm_units.py::_method_edits, moved to ``device`` (and every edit to ``dtype``
-    with ``cast_all``, as the vLLM plugin's install does)."""
-    from erasekit.steering.kif import KIFEdit
-    from erasekit.steering.mllmeraser import MLLMEraserEdit
-    from erasekit.steering.residual import AddVector, Phase
-
-    g = torch.Generator().manual_seed(0)
-    kif_t = {
-        "mean": torch.randn(2, d, generator=g),
-        "scale": torch.rand(2, d, generator=g) + 0.5,
-        "signature_z": torch.randn(2, d, generator=g),
-        "directions": torch.randn(2, 3, d, generator=g),
-        "gate_mu": torch.zeros(2),
-        "gate_sigma": torch.ones(2),
-        "refusal": torch.randn(2, d, generator=g),
-        "residual_norm": torch.ones(2),
-    }
-    hp = {
-        "suppression": 0.8,
-        "gate_k": 1.6,
-        "gate_tau": -1.0,
-        "center": True,
-        "refusal_strength": 0.5,
-        "phases": ["prefill", "decode"],
-    }
-    edits = {
-        "a": AddVector(
-            "a", {0: torch.randn(d, generator=g).to(dtype), 1: torch.randn(d, generator=g).to(dtype)}
-        ),
-        "b": AddVector("b", {1: torch.randn(d, generator=g).to(dtype)}),
-        "k": KIFEdit("k", (0, 1), kif_t, hp),
-        "m": MLLMEraserEdit(
-            "m", (0, 1), torch.randn(2, d, generator=g), torch.randn(2, d, generator=g), -0.3
-        ),
-        "p": AddVector("p", {0: torch.randn(d, generator=g).to(dtype)}, frozenset({Phase.PREFILL})),
-    }
-    return {k: e.to(device, dtype if cast_all else None) for k, e in edits.items()}
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """Bit pattern with zeros' sign made positive (see the unit test's _bits)."""
-    canonical = t + 0.0
-    return canonical.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
-
-
-#: (lengths, computed, prompt, slots): the unit test's _PLAN_CASES
-PLAN_CASES = {
-    "mixed": (
-        [1, 3, 3, 1, 2],
-        [5, 0, 3, 7, 0],
-        [4, 3, 5, 2, 2],
-        {0: frozenset("ak"), 1: frozenset("ap"), 2: frozenset("abkmp"), 4: frozenset("bm")},
-    ),
-    "decode_half": (
-        [1] * 16,
-        [9] * 16,
-        [4] * 16,
-        {i: frozenset("ak" if i % 4 == 1 else "abk") for i in range(1, 16, 2)},
-    ),
-    "decode_half_constant": (
-        [1] * 16,
-        [9] * 16,
-        [4] * 16,
-        {i: frozenset("a" if i % 4 == 1 else "ab") for i in range(1, 16, 2)},
-    ),
-    "decode_all": ([1] * 8, [9] * 8, [4] * 8, {i: frozenset("abk" if i % 2 else "ak") for i in range(8)}),
-    "long_prefill": (
-        [200, 150, 1, 120],
-        [0, 0, 9, 0],
-        [200, 150, 3, 120],
-        {0: frozenset("akm"), 1: frozenset("bp"), 3: frozenset("abkmp")},
-    ),
-    "long_contiguous": (
-        [200, 150, 120],
-        [0, 0, 0],
-        [200, 150, 120],
-        {0: frozenset("akm"), 1: frozenset("bp"), 2: frozenset("abkmp")},
-    ),
-}
 
 
 def _fused_vs_reference(sec: Section, rt: Any, device: torch.device) -> None:
@@ -214,9 +58,9 @@ def _fused_vs_reference(sec: Section, rt: Any, device: torch.device) -> None:
                 rt._MASKED_MAX_ELEMS, rt._MASKED_MAX_ROWS = 0, 0
             try:
                 for case, (lengths, computed, prompt, slots) in sorted(PLAN_CASES.items()):
-                    edits = _method_edits(d, dtype, device)
+                    edits = method_edits(d, dtype, device)
                     carrier = _carrier(slots)
-                    eraser = rt.EngineEraser(_fake_runner(lengths, computed, prompt), carrier, edits, [0, 1])
+                    eraser = rt.EngineEraser(fake_runner(lengths, computed, prompt), carrier, edits, [0, 1])
                     n = sum(lengths) + 3
                     g = torch.Generator().manual_seed(1)
                     hidden = torch.randn(n, d, generator=g).to(device, dtype)
@@ -226,10 +70,10 @@ def _fused_vs_reference(sec: Section, rt: Any, device: torch.device) -> None:
                     ok = True
                     for layer in (0, 1):
                         torch.ops.erasekit.vllm_edit_(h, r, layer, eraser.key)
-                        want_h, want_r = _reference_edit(
+                        want_h, want_r = reference_edit(
                             edits, slots, lengths, computed, prompt, layer, want_h, want_r
                         )
-                        ok &= torch.equal(_bits(h), _bits(want_h)) and torch.equal(_bits(r), _bits(want_r))
+                        ok &= torch.equal(bits(h), bits(want_h)) and torch.equal(bits(r), bits(want_r))
                     modes = sorted({lp.mode for lp in eraser.plan.layers.values()})
                     edited = bool((want_h != hidden).any())
                     padding_untouched = torch.equal(h[sum(lengths) :], hidden[sum(lengths) :])
@@ -298,8 +142,8 @@ def _graph_checks(sec: Section, rt: Any, device: torch.device, dtype: torch.dtyp
     label = str(dtype).removeprefix("torch.")
     d, rows = 64, 8
     stack = _Stack(d, dtype, device)
-    edits = _method_edits(d, dtype, device, cast_all=True)
-    runner = _fake_runner([1] * rows, [9] * rows, [4] * rows)
+    edits = method_edits(d, dtype, device, cast_all=True)
+    runner = fake_runner([1] * rows, [9] * rows, [4] * rows)
     carrier = _carrier({})
     eraser = rt.EngineEraser(runner, carrier, edits, [0, 1])
     key = eraser.key
@@ -307,7 +151,7 @@ def _graph_checks(sec: Section, rt: Any, device: torch.device, dtype: torch.dtyp
     inputs = [torch.randn(rows, d, generator=g).to(device, dtype) for _ in GRAPH_STEPS]
 
     def set_step(n_reqs: int, slots: dict[int, frozenset[str]]) -> None:
-        new = _fake_runner([1] * n_reqs, [9] * n_reqs, [4] * n_reqs)
+        new = fake_runner([1] * n_reqs, [9] * n_reqs, [4] * n_reqs)
         runner.input_batch, runner.query_start_loc = new.input_batch, new.query_start_loc
         carrier.slots = dict(slots)
         carrier.version += 1
@@ -418,7 +262,7 @@ def _graph_checks(sec: Section, rt: Any, device: torch.device, dtype: torch.dtyp
         torch.ops.erasekit.vllm_edit_(h2s, r2s, 1, key)
         out = h2s + r2s
         sync(device)
-        same.append(torch.equal(_bits(out), _bits(eager[i])))
+        same.append(torch.equal(bits(out), bits(eager[i])))
         worst_b = max(worst_b, float((out.float() - eager[i].float()).abs().max()))
         if slots:
             took_effect.append(not torch.equal(out, plain[i]))
@@ -454,9 +298,9 @@ def _time_op(
 ) -> dict[str, Any]:
     """One op-timing case: ``calls`` steps of two hooked layers on a decode batch of ``rows``."""
     cuda = device.type == "cuda"
-    edits = _method_edits(d, dtype, device, cast_all=True)
+    edits = method_edits(d, dtype, device, cast_all=True)
     edits = {k: edits[k] for k in kinds}  # "a": a constant vector, "k": KIF; layers 0 and 1
-    runner = _fake_runner([1] * rows, [9] * rows, [4] * rows)
+    runner = fake_runner([1] * rows, [9] * rows, [4] * rows)
     carrier = _carrier(dict(slots))
     eraser = rt.EngineEraser(runner, carrier, edits, [0, 1])
     h = torch.randn(rows, d, device=device, dtype=dtype) * 0.1
@@ -523,9 +367,8 @@ def _op_timing(sec: Section, rt: Any, device: torch.device, quick: bool) -> None
 
 
 def run(sec: Section, device: torch.device, quick: bool) -> None:
-    name = op_module_name()
+    name = OP_MODULE
     sec.report("op module", name)
-    sec.report("split marker present", SPLIT_MARKER.is_file())
     import subprocess
     import sys
 
