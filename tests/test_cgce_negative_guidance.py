@@ -17,22 +17,8 @@ from erasekit.integrations.diffusers_calibrate import (
     encode_conditioning,
 )
 from erasekit.testing import build_tiny_sd_pipeline
-
-SHAPES = ["circle", "square", "star", "heart", "cross"]
-BACKS = ["white", "black", "grey"]
-KW = {"num_inference_steps": 2, "height": 32, "width": 32, "output_type": "pt"}
-RED = "a red star on a white background"
-BLUE = "a blue heart on a grey background"
-
-
-def _gen() -> torch.Generator:
-    return torch.Generator().manual_seed(0)
-
-
-def _with(pack: ConceptPack, **hp) -> ConceptPack:
-    new = dataclasses.replace(pack, hyperparameters={**pack.hyperparameters, **hp}, source=None)
-    new.validate()
-    return new
+from tests._irece import red_concept
+from tests.test_diffusers_guard import BLUE, KW, RED, SHAPES, _gen, _with
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +28,7 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def pack(pipe):
-    forget = [f"a red {s} on a {b} background" for s in SHAPES for b in BACKS]
-    retain = [f"a {c} {s} on a {b} background" for c in ("blue", "green") for s in SHAPES for b in BACKS]
-    return calibrate_cgce(pipe, Concept("red", forget=forget, retain=retain, keywords=["red"]))
+    return calibrate_cgce(pipe, red_concept())
 
 
 def _run(pipe, packs, prompts, erase, **kw):
