@@ -309,9 +309,7 @@ def release_output_token_ids(batch: Any, carrier: Any) -> bool:
     """
     if not getattr(batch, "logitsprocs_need_output_token_ids", False):
         return False
-    procs = getattr(getattr(batch, "logitsprocs", None), "all", None)
-    procs = list((procs() if callable(procs) else procs) or ())
-    others = [p for p in procs if p is not carrier
+    others = [p for p in _loaded_logitsprocs(batch) if p is not carrier
               and not type(p).__module__.startswith("vllm.v1.sample.logits_processor.builtin")]
     if others:
         return False
@@ -319,10 +317,14 @@ def release_output_token_ids(batch: Any, carrier: Any) -> bool:
     return True
 
 
-def _find_carrier(runner: Any) -> Any:
-    batch = getattr(runner, "input_batch", None)
+def _loaded_logitsprocs(batch: Any) -> list[Any]:
+    """The logits processors the runner's input batch holds (``logitsprocs.all``, a property or a method)."""
     procs = getattr(getattr(batch, "logitsprocs", None), "all", None)
-    found = list((procs() if callable(procs) else procs) or ())
+    return list((procs() if callable(procs) else procs) or ())
+
+
+def _find_carrier(runner: Any) -> Any:
+    found = _loaded_logitsprocs(getattr(runner, "input_batch", None))
     for proc in found:
         if type(proc).__name__ == "EraseLogitsProcessor":
             return proc
