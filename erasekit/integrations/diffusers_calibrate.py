@@ -119,6 +119,14 @@ def negative_prompt_of(concept: Concept) -> str:
     return ", ".join(_phrases(concept))
 
 
+def _negative_encoding(pipe: DiffusionPipeline, concept: Concept, negative_prompt: str | None,
+                       encode_kwargs: dict[str, Any]) -> tuple[str, torch.Tensor]:
+    """The negative-guidance text (``negative_prompt``, default :func:`negative_prompt_of`) and its
+    conditioning ``[T, D]`` under the pipeline's own encoder."""
+    text = negative_prompt if negative_prompt is not None else negative_prompt_of(concept)
+    return text, encode_conditioning(pipe, [text], **encode_kwargs)[0].contiguous()
+
+
 def add_negative_embedding(pipe: DiffusionPipeline, pack: ConceptPack, negative_prompt: str | None = None,
                            **encode_kwargs: Any) -> ConceptPack:
     """``pack`` (cgce) with ``tensors.negative_embedding``: the pipeline's conditioning ``[T, D]`` of the
@@ -126,8 +134,7 @@ def add_negative_embedding(pipe: DiffusionPipeline, pack: ConceptPack, negative_
     negative guidance puts under flagged rows. Packs written before the tensor existed get it here
     without re-fitting the classifier; ``negative_guidance`` is left as it is.
     """
-    text = negative_prompt if negative_prompt is not None else negative_prompt_of(pack.concept)
-    negative = encode_conditioning(pipe, [text], **encode_kwargs)[0].contiguous()
+    text, negative = _negative_encoding(pipe, pack.concept, negative_prompt, encode_kwargs)
     pack = dataclasses.replace(pack, tensors={**pack.tensors, "negative_embedding": negative},
                                hyperparameters={**pack.hyperparameters, "negative_prompt": text}, source=None)
     pack.validate()
@@ -177,10 +184,8 @@ def calibrate_cgce(
     hp.update(seq_len=int(unsafe.shape[1]), embed_dim=int(unsafe.shape[2]), C=float(detector.steps[-1][1].C),
               train_accuracy=float(((probs > hp["threshold"]) == y).mean()),
               safe_logit=float(z[y == 0].mean()), unsafe_logit=float(z[y == 1].mean()))
-    text = negative_prompt if negative_prompt is not None else negative_prompt_of(concept)
-    hp["negative_prompt"] = text
-    tensors = cgce.pack_tensors_from_detector(detector)
-    tensors["negative_embedding"] = encode_conditioning(pipe, [text], **encode_kwargs)[0].contiguous()
+    hp["negative_prompt"], negative = _negative_encoding(pipe, concept, negative_prompt, encode_kwargs)
+    tensors = {**cgce.pack_tensors_from_detector(detector), "negative_embedding": negative}
     return ConceptPack(
         concept=concept, method="cgce", fingerprint=fingerprint_pipeline(pipe),
         tensors=tensors, hyperparameters=hp,
