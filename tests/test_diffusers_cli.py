@@ -14,6 +14,13 @@ from erasekit.integrations.diffusers import guard
 from erasekit.testing import build_tiny_sd_pipeline
 
 
+def _calibrate_args(root, method: str, out, *extra: str, keywords: bool = True) -> list[str]:
+    """``erasekit calibrate`` of concept "red" on ``root``'s saved pipeline and prompt files."""
+    return ["calibrate", "--model", str(root / "pipe"), "--concept", "red", "--forget", str(root / "forget.txt"),
+            "--retain", str(root / "retain.txt"), "--method", method, *(["--keywords", "red"] if keywords else []),
+            "-o", str(out), *extra]
+
+
 @pytest.fixture(scope="module")
 def saved_pipe(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
@@ -29,11 +36,7 @@ def saved_pipe(tmp_path_factory):
 def test_calibrate_info_and_guard(saved_pipe, method, capsys):
     root, pipe = saved_pipe
     out = root / f"pack-{method}"
-    args = ["calibrate", "--model", str(root / "pipe"), "--concept", "red", "--forget", str(root / "forget.txt"),
-            "--retain", str(root / "retain.txt"), "--method", method, "--keywords", "red", "-o", str(out)]
-    if method == "cgce":
-        args += ["--set", "eta=1.5"]
-    assert main(args) == 0
+    assert main(_calibrate_args(root, method, out, *(["--set", "eta=1.5"] if method == "cgce" else []))) == 0
     assert main(["info", str(out)]) == 0
     assert f'"method": "{method}"' in capsys.readouterr().out
     pack = ConceptPack.from_pretrained(out)
@@ -47,9 +50,7 @@ def test_calibrate_info_and_guard(saved_pipe, method, capsys):
 
 def test_calibrate_rejects_unknown_hyperparameter(saved_pipe, capsys):
     root, _ = saved_pipe
-    code = main(["calibrate", "--model", str(root / "pipe"), "--concept", "red", "--forget", str(root / "forget.txt"),
-                 "--retain", str(root / "retain.txt"), "--method", "cgce", "--set", "learning_rate=3",
-                 "-o", str(root / "bad")])
+    code = main(_calibrate_args(root, "cgce", root / "bad", "--set", "learning_rate=3", keywords=False))
     assert code == 2
     assert "learning_rate" in capsys.readouterr().err
     assert not (root / "bad").exists()
@@ -79,17 +80,12 @@ def saved_video(tmp_path_factory):
     return root, pipe
 
 
-def _video_cli(root, method: str, out, *extra: str) -> list[str]:
-    return ["calibrate", "--model", str(root / "pipe"), "--concept", "red", "--forget", str(root / "forget.txt"),
-            "--retain", str(root / "retain.txt"), "--method", method, "--keywords", "red", "-o", str(out), *extra]
-
-
 @pytest.mark.parametrize("method", ["irece", "cgce"])
 def test_calibrate_video_pipeline_with_call_settings(saved_video, method, capsys):
     root, pipe = saved_video
     out = root / f"pack-{method}"
     extra = ["--set", "n_prompts=4", "--set", "n_holdout=4"] if method == "irece" else []
-    assert main(_video_cli(root, method, out, *extra, *_call_args(VIDEO_CALL))) == 0
+    assert main(_calibrate_args(root, method, out, *extra, *_call_args(VIDEO_CALL))) == 0
     err = capsys.readouterr().err
     pack = ConceptPack.from_pretrained(out)
     if method == "irece":
@@ -128,7 +124,7 @@ def test_calibrate_video_pipeline_with_call_settings(saved_video, method, capsys
 def test_calibrate_rejects_bad_call_setting(saved_video, setting, says, capsys):
     root, _ = saved_video
     out = root / "bad"
-    assert main(_video_cli(root, "irece", out, "--call", "height=16", "--call", setting)) == 2
+    assert main(_calibrate_args(root, "irece", out, "--call", "height=16", "--call", setting)) == 2
     err = capsys.readouterr().err
     key = setting.partition("=")[0]
     assert "--call" in err and repr(key) in err and says in err and "Fix:" in err
@@ -139,9 +135,7 @@ def test_calibrate_rejects_bad_call_setting(saved_video, setting, says, capsys):
 
 def test_call_settings_refused_for_language_model_methods(saved_pipe, capsys):
     root, _ = saved_pipe
-    code = main(["calibrate", "--model", str(root / "pipe"), "--concept", "red", "--forget", str(root / "forget.txt"),
-                 "--retain", str(root / "retain.txt"), "--method", "kif", "--call", "num_frames=8",
-                 "-o", str(root / "bad-kif")])
+    code = main(_calibrate_args(root, "kif", root / "bad-kif", "--call", "num_frames=8", keywords=False))
     assert code == 2
     err = capsys.readouterr().err
     assert "--call" in err and "'num_frames'" in err and "--method cgce|irece" in err
@@ -149,8 +143,7 @@ def test_call_settings_refused_for_language_model_methods(saved_pipe, capsys):
 
 def test_set_cannot_smuggle_call_kwargs(saved_pipe, capsys):
     root, _ = saved_pipe
-    code = main(["calibrate", "--model", str(root / "pipe"), "--concept", "red", "--forget", str(root / "forget.txt"),
-                 "--retain", str(root / "retain.txt"), "--method", "irece", "--set", 'call_kwargs={"height": 32}',
-                 "-o", str(root / "bad-set")])
+    code = main(_calibrate_args(root, "irece", root / "bad-set", "--set", 'call_kwargs={"height": 32}',
+                                keywords=False))
     assert code == 2
     assert "--call KEY=VALUE" in capsys.readouterr().err
