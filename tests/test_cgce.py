@@ -220,3 +220,118 @@ def test_twin_gradient_shortcut_equals_autograd_of_the_features(flat):
         got = grad()
     torch.testing.assert_close(logits, reference.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def anchored(fitted):
+    """A second detector for an *anchor* (its own tokens at other positions) and its twin."""
+    detector, _, concept, safe, unsafe = fitted
+    rng = np.random.default_rng(7)
+    anchor = rng.normal(size=(2, D)).astype(np.float32)
+    with_anchor = safe[:40].copy()
+    with_anchor[:, 8:10] += 2 * anchor
+    anchor_detector = fit_detector(with_anchor, np.concatenate([unsafe[40:], safe[40:]]), anchor, C=0.1)
+    return TorchTwin.from_detector(detector), TorchTwin.from_detector(anchor_detector), anchor_detector
+
+
+def test_refine_without_anchors_is_bit_identical_to_the_plain_call(fitted, anchored):
+    twin, anchor, _ = anchored
+    x = torch.from_numpy(np.concatenate([fitted[4][:3], fitted[3][:2]]))
+    rows = torch.tensor([[1, 1, 1, 0, 0]], dtype=torch.bool)
+    plain = refine(x, [twin], rows, etas=[1.0], max_steps=20, target_logits=[-4.0])
+    for flags in (None, [False]):
+        same = refine(x, [twin], rows, etas=[1.0], max_steps=20, target_logits=[-4.0], anchors=flags)
+        assert torch.equal(same.embeds, plain.embeds) and same.steps == plain.steps
+    two = torch.stack([rows[0], rows[0]])
+    a = refine(x, [twin, anchor], two, etas=[1.0, 1.0], max_steps=20, target_logits=[-4.0, -4.0])
+    b = refine(x, [twin, anchor], two, etas=[1.0, 1.0], max_steps=20, target_logits=[-4.0, -4.0],
+               anchors=[False, False])
+    assert torch.equal(a.embeds, b.embeds)
+
+
+def test_anchor_rises_above_its_target_on_flagged_rows_only(fitted, anchored):
+    twin, anchor, _ = anchored
+    _, _, _, safe, unsafe = fitted
+    x = torch.from_numpy(np.concatenate([unsafe[:4], safe[50:53]]))
+    flagged = torch.tensor([1, 1, 1, 1, 0, 0, 0], dtype=torch.bool)
+    goal = float(anchor.logits(x).max()) + 2.0  # above every row: the anchor is active wherever it may be
+    result = refine(x, [twin, anchor], torch.stack([flagged, flagged]), etas=[1.0, 1.0], max_steps=20,
+                    target_logits=[-4.0, goal], anchors=[False, True])
+    assert (twin.logits(result.embeds[:4]) <= -4.0 + 1e-2).all()  # still away from the concept
+    assert (anchor.logits(result.embeds[:4]) >= goal - 1e-2).all()  # and onto the anchor
+    assert (anchor.logits(x[:4]) < goal).all()
+    assert torch.equal(result.embeds[4:], x[4:])  # unflagged rows bit-identical
+    assert result.steps <= 10
+
+
+def test_anchor_already_above_its_target_does_not_move_the_row(fitted, anchored):
+    twin, anchor, _ = anchored
+    x = torch.from_numpy(fitted[4][:3])
+    rows = torch.ones(2, 3, dtype=torch.bool)
+    low = float(anchor.logits(x).min()) - 5.0  # every row already above: the anchor stays inactive
+    plain = refine(x, [twin, anchor], rows, etas=[1.0, 1.0], max_steps=20, target_logits=[-4.0, 1e4],
+                   anchors=[False, False])  # an unreachable concept-style target would never be active
+    with_anchor = refine(x, [twin, anchor], rows, etas=[1.0, 1.0], max_steps=20, target_logits=[-4.0, low],
+                         anchors=[False, True])
+    torch.testing.assert_close(with_anchor.embeds, plain.embeds)  # only the concept pushed, both times
+
+
+def test_anchor_composes_with_several_concepts(fitted, anchored):
+    _, _, concept, safe, unsafe = fitted
+    twin, anchor, _ = anchored
+    rng = np.random.default_rng(5)
+    other = rng.normal(size=(2, D)).astype(np.float32)
+    unsafe2 = safe.copy()
+    unsafe2[:, 5:7] += 2 * other
+    twin2 = TorchTwin.from_detector(fit_detector(unsafe2, safe, other, C=0.1))
+    x = torch.from_numpy(np.concatenate([unsafe[:3], unsafe2[:3], safe[60:62]]))
+    rows = torch.tensor([[1, 1, 1, 0, 0, 0, 0, 0],   # concept 1
+                         [1, 0, 0, 1, 1, 1, 0, 0],   # concept 2 (row 0 erased for both)
+                         [1, 1, 1, 0, 0, 0, 0, 0]],  # concept 1's anchor: concept 1's rows
+                        dtype=torch.bool)
+    goal = float(anchor.logits(x).max()) + 1.0
+    result = refine(x, [twin, twin2, anchor], rows, etas=[1.0] * 3, max_steps=20,
+                    target_logits=[-4.0, -4.0, goal], anchors=[False, False, True])
+    for c, (tw, above) in enumerate([(twin, False), (twin2, False), (anchor, True)]):
+        z = tw.logits(result.embeds)[rows[c]]
+        assert ((z >= goal - 1e-2) if above else (z <= -4.0 + 1e-2)).all(), c
+    assert torch.equal(result.embeds[6:], x[6:])
+
+
+def _anchored_pack(fitted, anchored, **hp_over):
+    pack = _pack(fitted, **{"anchor": 1, "anchor_target_logit": 3.0, "anchor_prompt": "plain", **hp_over})
+    pack.tensors.update(cgce.pack_tensors_from_detector(anchored[2], prefix="anchor_"))
+    return pack
+
+
+def test_anchor_pack_round_trip_and_classifier(tmp_path, fitted, anchored):
+    pack = _anchored_pack(fitted, anchored)
+    clf = cgce.CGCEClassifier.from_pack(ConceptPack.from_pretrained(pack.save_pretrained(tmp_path / "a")))
+    assert clf.anchor_twin is not None and clf.anchor_target_logit == 3.0
+    assert torch.equal(clf.anchor_twin.weight, anchored[1].weight)
+    off = cgce.CGCEClassifier.from_pack(_anchored_pack(fitted, anchored, anchor=0))
+    assert off.anchor_twin is None  # tensors kept, anchor switched off
+    assert cgce.CGCEClassifier.from_pack(_pack(fitted)).anchor_twin is None  # packs without an anchor
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda p: p.tensors.pop("anchor_twin_bias"), "tensors.anchor_twin_bias"),
+    (lambda p: p.tensors.update(anchor_twin_weight=torch.zeros(3)), "tensors.anchor_twin_weight"),
+    (lambda p: p.tensors.update(anchor_concept_embedding=torch.zeros(2, D + 1)), "tensors.anchor_concept_embedding"),
+    (lambda p: p.tensors["anchor_twin_weight"].__setitem__(0, float("nan")), "tensors.anchor_twin_weight"),
+    (lambda p: p.hyperparameters.pop("anchor_target_logit"), "hyperparameters.anchor_target_logit"),
+    (lambda p: p.hyperparameters.update(anchor=2), "hyperparameters.anchor"),
+])
+def test_bad_anchor_tensors_are_refused(fitted, anchored, edit, field):
+    pack = _anchored_pack(fitted, anchored)
+    pack.tensors = {k: v.clone() for k, v in pack.tensors.items()}
+    edit(pack)
+    with pytest.raises(PackError) as err:
+        pack.validate()
+    assert err.value.field == field and err.value.fix
+
+
+def test_anchor_on_without_tensors_is_refused(fitted):
+    with pytest.raises(PackError) as err:
+        _pack(fitted, anchor=1, anchor_target_logit=1.0).validate()
+    assert err.value.field == "hyperparameters.anchor"

@@ -22,7 +22,17 @@ twin's folded weights, and the concept embedding the features attend with. Hyper
   guidance, the row's *unconditional* embedding by the optional tensor ``negative_embedding``
   (``[seq_len, embed_dim]``: the pipeline's own encoding of the concept's text, written by
   calibration, the text in ``negative_prompt``), so guidance pushes away from the concept (SLD-style);
-  0 (the default; packs without the field read as 0) leaves the unconditional branch alone.
+  0 (the default; packs without the field read as 0) leaves the unconditional branch alone;
+* ``anchor``: 1 to also steer flagged rows *towards* an anchor concept (Concept Ablation's and
+  ESD/UCE's "Van Gogh -> a painting"), not only away from the concept: refinement then pushes a
+  second twin -- the optional tensors ``anchor_concept_embedding`` ``[K, embed_dim]``,
+  ``anchor_twin_weight`` (the same feature layout as ``twin_weight``) and ``anchor_twin_bias``
+  ``[1]``, a detector of the anchor prompts -- ABOVE ``anchor_target_logit`` (calibration writes
+  the anchor detector's mean training logit on the anchor prompts, and ``anchor_prompt``, a
+  description of them). Why: a prompt that only loses the concept lands on "nothing of this kind
+  named", and a generator may draw the concept there at its base rate (the world draws dots on
+  ~31 % of style-free prompts); an anchor names the neutral value instead. 0 (packs without the
+  field read as 0) ignores the anchor tensors; packs without them load as before.
 """
 
 from __future__ import annotations
@@ -48,7 +58,8 @@ METHOD = "cgce"
 DEFAULTS: dict[str, float | int] = {"tau": 0.1, "threshold": 0.5, "eta": 1.0, "max_steps": 20, "target": 0.01,
                                     "margin": 2.0, "flat": 1, "negative_guidance": 0}
 _TENSORS = ("concept_embedding", "twin_weight", "twin_bias")
-_OPTIONAL_TENSORS = ("negative_embedding",)
+_ANCHOR_TENSORS = ("anchor_concept_embedding", "anchor_twin_weight", "anchor_twin_bias")
+_OPTIONAL_TENSORS = ("negative_embedding", *_ANCHOR_TENSORS)
 
 
 def _number(hp: dict, key: str, where: str, lo: float, hi: float, integer: bool = False) -> float:
@@ -99,16 +110,42 @@ def validate(pack: ConceptPack, where: str) -> None:
     elif negative_guidance:
         raise PackError(where, "hyperparameters.negative_guidance", "is 1 but the pack has no "
                         "tensors.negative_embedding", "re-calibrate with this erasekit, or set negative_guidance=0")
-    concept = pack.tensors["concept_embedding"]
+    _check_twin(pack, where, "", seq_len, dim, flat)
+    anchor = hp.get("anchor", 0)
+    if not isinstance(anchor, int) or anchor not in (0, 1):  # bools are ints
+        raise PackError(where, "hyperparameters.anchor", f"must be true/false (or 1/0), got {anchor!r}",
+                        "pass --set anchor=true or false")
+    present = [name for name in _ANCHOR_TENSORS if name in names]
+    if present and len(present) < len(_ANCHOR_TENSORS):
+        missing = sorted(set(_ANCHOR_TENSORS) - set(present))
+        raise PackError(where, f"tensors.{missing[0]}", f"anchor tensors come together: {present} without {missing}",
+                        "re-calibrate the pack with its anchor prompts")
+    if present:
+        _check_twin(pack, where, "anchor_", seq_len, dim, flat)
+        _number(hp, "anchor_target_logit", where, -1e4, 1e4)
+    elif anchor:
+        raise PackError(where, "hyperparameters.anchor", "is 1 but the pack has no anchor tensors",
+                        "re-calibrate with anchor prompts, or set anchor=0")
+
+
+def _check_twin(pack: ConceptPack, where: str, prefix: str, seq_len: int, dim: int, flat: bool) -> None:
+    """Shapes and finiteness of a twin's tensors (``prefix`` "" for the concept's, "anchor_" for the anchor's)."""
+    concept = pack.tensors[f"{prefix}concept_embedding"]
     if concept.ndim != 2 or concept.shape[1] != dim or concept.shape[0] < 1:
-        raise PackError(where, "tensors.concept_embedding", f"shape {list(concept.shape)} is not [K, {dim}]",
-                        "re-calibrate the pack")
+        raise PackError(where, f"tensors.{prefix}concept_embedding", f"shape {list(concept.shape)} is not "
+                        f"[K, {dim}]", "re-calibrate the pack")
     n_feat = num_features(dim, seq_len, flat)
-    if list(pack.tensors["twin_weight"].shape) != [n_feat]:
-        raise PackError(where, "tensors.twin_weight", f"shape {list(pack.tensors['twin_weight'].shape)} is not "
+    weight = pack.tensors[f"{prefix}twin_weight"]
+    if list(weight.shape) != [n_feat]:
+        raise PackError(where, f"tensors.{prefix}twin_weight", f"shape {list(weight.shape)} is not "
                         f"[{n_feat}] (flat={int(flat)})", "re-calibrate the pack")
-    if list(pack.tensors["twin_bias"].shape) != [1]:
-        raise PackError(where, "tensors.twin_bias", "must have shape [1]", "re-calibrate the pack")
+    if list(pack.tensors[f"{prefix}twin_bias"].shape) != [1]:
+        raise PackError(where, f"tensors.{prefix}twin_bias", "must have shape [1]", "re-calibrate the pack")
+    if prefix:  # the concept's own twin is checked by its ONNX twin at load; the anchor has no ONNX graph
+        for name in _ANCHOR_TENSORS:
+            t = pack.tensors[name]
+            if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+                raise PackError(where, f"tensors.{name}", "must be finite floating point", "re-calibrate the pack")
 
 
 register_method(MethodSpec(name=METHOD, family="diffusion", validate=validate, needs_classifier=True))
@@ -130,6 +167,9 @@ class CGCEClassifier:
     target_logit: float = float("-inf")  # where refinement stops: min(logit(target), margin target)
     #: ``[T, D]`` unconditional embedding for flagged rows under CFG, or None (negative guidance off)
     negative_embedding: torch.Tensor | None = None
+    #: the anchor's twin, pushed above ``anchor_target_logit`` on flagged rows, or None (no anchor)
+    anchor_twin: TorchTwin | None = None
+    anchor_target_logit: float = float("inf")
 
     @classmethod
     def from_pack(cls, pack: ConceptPack) -> CGCEClassifier:
@@ -148,6 +188,15 @@ class CGCEClassifier:
         if float(hp.get("margin", 0)) > 0 and "safe_logit" in hp and "unsafe_logit" in hp:
             safe, unsafe = float(hp["safe_logit"]), float(hp["unsafe_logit"])
             target_logit = min(target_logit, safe - float(hp["margin"]) * max(unsafe - safe, 0.0))
+        anchor = None
+        if hp.get("anchor") and "anchor_twin_weight" in pack.tensors:
+            anchor = TorchTwin(
+                concept=pack.tensors["anchor_concept_embedding"].float(),
+                weight=pack.tensors["anchor_twin_weight"].float(),
+                bias=pack.tensors["anchor_twin_bias"].float(),
+                tau=float(hp["tau"]),
+                flat=bool(hp.get("flat", 0)),
+            )
         return cls(
             concept=pack.name,
             detector=OnnxDetector(pack.classifier_onnx or b"", seq_len, dim, where=f"{where}/classifier.onnx"),
@@ -161,6 +210,8 @@ class CGCEClassifier:
             target_logit=target_logit,
             negative_embedding=pack.tensors["negative_embedding"].float()
             if hp.get("negative_guidance") and "negative_embedding" in pack.tensors else None,
+            anchor_twin=anchor,
+            anchor_target_logit=float(hp["anchor_target_logit"]) if anchor is not None else float("inf"),
         )
 
     def scores(self, embeds: torch.Tensor) -> np.ndarray:
@@ -168,7 +219,8 @@ class CGCEClassifier:
         return self.detector.predict_proba(embeds.detach().to("cpu", torch.float32).numpy())
 
 
-def pack_tensors_from_detector(detector: Pipeline) -> dict[str, torch.Tensor]:
-    """The tensors a ``cgce`` pack stores for a fitted detector."""
+def pack_tensors_from_detector(detector: Pipeline, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors a ``cgce`` pack stores for a fitted detector (``prefix="anchor_"``: for the anchor's)."""
     twin = TorchTwin.from_detector(detector)
-    return {"concept_embedding": twin.concept, "twin_weight": twin.weight, "twin_bias": twin.bias}
+    return {f"{prefix}concept_embedding": twin.concept, f"{prefix}twin_weight": twin.weight,
+            f"{prefix}twin_bias": twin.bias}

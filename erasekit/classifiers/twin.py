@@ -7,7 +7,9 @@ respect to the prompt embedding is the CGCE guidance direction.
 
 Refinement (CGCE, arXiv 2511.05865): ``E <- E - sum_c a_c grad_E f_c(E)`` over every classifier
 ``c`` that still fires on the row, until all logits fall under their target or ``max_steps`` are
-spent. Only the flagged rows move; the rest are copied bit for bit.
+spent. Only the flagged rows move; the rest are copied bit for bit. An optional *anchor* twin is
+the same step with the sign turned: it pulls a flagged row up onto the anchor's target logit (towards
+a named neutral value, e.g. "plain" for a pattern), see :func:`refine`.
 
 The step sizes ``a_c`` are not a fixed learning rate: each step is the Gauss-Newton (Polyak)
 step that would put every firing classifier's *linearised* logit exactly on its target,
@@ -159,12 +161,22 @@ def refine(
     max_steps: int,
     targets: list[float] | None = None,
     target_logits: list[float] | None = None,
+    anchors: list[bool] | None = None,
 ) -> RefineResult:
     """Push the ``rows`` (``[C, N]`` bool: classifier ``c`` fired on row ``n``) of ``embeds`` under their targets.
 
     Targets are probabilities (``targets``) or logits (``target_logits``, which win when given:
     margin targets below any useful probability stay exact). ``etas`` scale each classifier's
-    Gauss-Newton step (1.0: aim exactly at the target). Returns a new tensor; rows no classifier
+    Gauss-Newton step (1.0: aim exactly at the target).
+
+    ``anchors[c]`` True makes twin ``c`` an *anchor* (Concept Ablation / ESD-style "steer towards
+    a painting", not only away from "Van Gogh"): it is pushed ABOVE its target instead of under
+    it. Nothing else changes: the Gauss-Newton step already puts every active linearised logit
+    exactly on its target, so an anchor is simply active on its rows while its logit is below its
+    target, and its negative residual turns its step around. ``None`` (or all False) is the plain
+    CGCE refinement, bit for bit.
+
+    Returns a new tensor; rows no classifier
     flagged are bit-identical to the input. The update is computed without a graph and added as
     a constant, so code that differentiates through a guarded denoiser sees a straight-through
     shift (d out / d in = I). Works under ``torch.no_grad`` and ``torch.inference_mode``.
@@ -187,7 +199,7 @@ def refine(
         if max_steps <= 0:
             out, steps, final = base.clone(), 0, initial.clone()
         else:
-            x, steps, z = _refine_rows(full, twins, rows, etas, max_steps, target_logits)
+            x, steps, z = _refine_rows(full, twins, rows, etas, max_steps, target_logits, anchors)
             final = torch.where(moved, torch.sigmoid(z), initial)  # unflagged rows: their scores as given
             out = torch.where(moved[:, None, None], x.to(base.dtype).view_as(base), base)
     if embeds.requires_grad:
@@ -202,21 +214,26 @@ def _refine_rows(
     etas: list[float],
     max_steps: int,
     target_logits: list[float],
+    anchors: list[bool] | None = None,
 ) -> tuple[torch.Tensor, int, torch.Tensor]:
     """The refinement loop on ``x`` (all rows, float32; ``sub_rows`` [C, N] says who is flagged); call with grad enabled."""
     n_c, device = len(twins), x.device
     goal = torch.tensor(target_logits, dtype=torch.float32)[:, None].to(device, non_blocking=True)  # C, 1
     eta = torch.tensor(etas, dtype=torch.float32)[:, None].to(device, non_blocking=True)  # C, 1
+    # anchors: C, 1 bool (pushed above their target), or None -- then the loop is the plain one
+    above = torch.tensor(anchors)[:, None].to(device, non_blocking=True) if anchors and any(anchors) else None
     failed = None  # several classifiers: did a Gauss-Newton solve fail (checked with convergence)?
     steps = 0
     for steps in range(max_steps + 1):
         pairs = [tw.logits_for_grad(x) for tw in twins]
         z = torch.stack([p[0] for p in pairs])  # C, M
         excess = z - goal
-        active = sub_rows & (excess > 0)  # re-checked every step: one concept's push may revive another
+        # re-checked every step: one concept's push may revive another; an anchor is active while
+        # it is UNDER its target (its residual ``excess`` is then negative, and so is its step)
+        active = sub_rows & ((excess > 0) if above is None else torch.where(above, excess < 0, excess > 0))
         if steps == max_steps:
             break
-        # The one host-device sync per step: stop as soon as every flagged row is under target.
+        # The one host-device sync per step: stop as soon as every flagged row is on its side of target.
         if failed is None:
             go = bool(active.any())
         else:  # one transfer for both: 1 = go on, 2 or 3 = the last solve failed
