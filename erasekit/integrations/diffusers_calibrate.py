@@ -157,12 +157,24 @@ def calibrate_cgce(
     progress: bool = False,
     encode_kwargs: dict[str, Any] | None = None,
     negative_prompt: str | None = None,
+    anchor: Concept | None = None,
     **hyperparameters: Any,
 ) -> ConceptPack:
     """Fit a CGCE classifier on ``concept.forget`` (unsafe) vs ``concept.retain`` (safe) prompts.
 
     The pack also stores ``negative_embedding``, the conditioning of ``negative_prompt`` (default: the
     concept's keywords, :func:`negative_prompt_of`), used when ``negative_guidance`` is on.
+
+    ``anchor``: optional neutral concept flagged rows are steered *towards* (see ``anchor`` in
+    :mod:`erasekit.classifiers.cgce`): a second detector is fitted with ``anchor.forget`` (the
+    anchor prompts) = 1 against ``concept.forget`` plus the anchor's negatives = 0, attending with
+    ``anchor.keywords`` (or its name). The negatives are ``anchor.retain`` when given, else
+    ``concept.retain`` minus the anchor prompts. Give ``anchor.retain`` when the concept's retain
+    prompts may name the anchor in other words (the world's retain prompts say "solid", "uniformly
+    coloured"): labelled 0, they would teach the anchor detector that the anchor is absent.
+    Its twin goes into the pack (``anchor_*`` tensors, ``anchor=1``), and its target is its mean
+    training logit on the anchor prompts: refinement pulls a flagged row as far onto the anchor as
+    the typical anchor prompt sits.
 
     ``encode_kwargs`` go to the pipeline call that encodes prompts (e.g. ``max_sequence_length``):
     they must match how the pipeline will be called, since the classifier reads that shape.
@@ -186,11 +198,40 @@ def calibrate_cgce(
               safe_logit=float(z[y == 0].mean()), unsafe_logit=float(z[y == 1].mean()))
     hp["negative_prompt"], negative = _negative_encoding(pipe, concept, negative_prompt, encode_kwargs)
     tensors = {**cgce.pack_tensors_from_detector(detector), "negative_embedding": negative}
+    if anchor is not None:
+        tensors.update(_anchor_twin(pipe, concept, anchor, unsafe, safe, hp, C, batch_size, progress, encode_kwargs))
     return ConceptPack(
         concept=concept, method="cgce", fingerprint=fingerprint_pipeline(pipe),
         tensors=tensors, hyperparameters=hp,
         classifier_onnx=export_detector(detector),
     )
+
+
+def _anchor_twin(pipe: DiffusionPipeline, concept: Concept, anchor: Concept, unsafe: torch.Tensor,
+                 safe: torch.Tensor, hp: dict[str, Any], C: float | None, batch_size: int, progress: bool,
+                 encode_kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The anchor detector's pack tensors; writes ``anchor``, ``anchor_target_logit`` and its statistics into ``hp``."""
+    if len(anchor.forget) < 2:
+        raise ErasekitError("anchor", "forget", "the anchor needs at least 2 anchor prompts (in its forget list)",
+                            "pass a few hundred prompts that show the anchor")
+    anchor_prompts = set(anchor.forget)
+    if anchor.retain:
+        others = encode_conditioning(pipe, anchor.retain, batch_size, progress, **encode_kwargs)
+    else:
+        keep = [i for i, r in enumerate(concept.retain) if r not in anchor_prompts]
+        others = safe[keep]
+    positives = encode_conditioning(pipe, anchor.forget, batch_size, progress, **encode_kwargs)
+    negatives = torch.cat([unsafe, others])
+    phrases = concept_embedding(pipe, _phrases(anchor), **encode_kwargs)
+    detector = fit_detector(positives.numpy(), negatives.numpy(), phrases.numpy(), tau=float(hp["tau"]), C=C,
+                            flat=bool(hp["flat"]))
+    z_pos = detector.decision_function(positives.reshape(len(positives), -1).numpy())
+    z_neg = detector.decision_function(negatives.reshape(len(negatives), -1).numpy())
+    hp.update(anchor=1, anchor_target_logit=float(z_pos.mean()), anchor_negative_logit=float(z_neg.mean()),
+              anchor_train_accuracy=float(((z_pos > 0).sum() + (z_neg <= 0).sum()) / (len(z_pos) + len(z_neg))),
+              anchor_C=float(detector.steps[-1][1].C),
+              anchor_prompt=f"{anchor.name}: {len(anchor.forget)} prompts, e.g. {anchor.forget[0]!r}")
+    return cgce.pack_tensors_from_detector(detector, prefix="anchor_")
 
 
 class _QueryRecorder:
