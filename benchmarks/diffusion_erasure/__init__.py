@@ -137,6 +137,21 @@ def with_hyperparameters(pack: ConceptPack, **hp: Any) -> ConceptPack:
     return new
 
 
+def anchor_concept(world: World, concept: str, anchor: str, n_prompts: int) -> Concept:
+    """The CGCE anchor for ``concept`` (``calibrate_cgce(anchor=...)``): the world's training prompts of
+    ``anchor`` (seed 1, like the concept's own), attending with the anchor's name.
+
+    Its negatives are the concept's calibration retain prompts that do not ask for the anchor: the
+    world's retain prompts name it in other words too ("solid", "uniformly coloured"), and as
+    negatives those would teach the anchor detector that the anchor is absent.
+    """
+    fam = world.family(concept)
+    if world.family(anchor) != fam or anchor == concept:
+        raise ValueError(f"anchor {anchor!r} must be another value of {concept!r}'s family {fam!r}")
+    retain = [s.prompt for s in world.retain_specs(concept, n_prompts, seed=1) if s.asks.get(fam) != anchor]
+    return Concept(anchor, forget=world.train_prompts(anchor, n_prompts, seed=1), retain=retain, keywords=[anchor])
+
+
 # ---------------------------------------------------------------------------- CGCE tuning
 CGCE_TUNED_PATH = Path(__file__).resolve().parent / "cgce_tuned.json"
 #: CGCE refinement: Gauss-Newton steps onto the safety-margin target (see erasekit.classifiers.cgce).

@@ -22,6 +22,9 @@ loses the concept cannot go under the first rate unless guidance steers to anoth
 Packs are read from ``--packs`` (the benchmark's cache folder, ``{concept}-cgce-v2-{N}``) with the
 hyperparameters of ``cgce_tuned.json`` (or ``--set key=value``); nothing is calibrated here unless a
 pack is missing (then it is calibrated like the benchmark does, on training prompts only).
+``--anchor checker=plain`` diagnoses packs with a CGCE anchor instead (``{concept}-cgce-v2-{N}-anchor-{anchor}``,
+calibrated with :func:`benchmarks.diffusion_erasure.anchor_concept`); refinement then pulls flagged rows
+onto the anchor as the guard does.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def _packs(world: Any, concepts: list[str], packs_dir: Path, n_prompts: int, hp: dict[str, Any]) -> dict[str, Any]:
+def _packs(world: Any, concepts: list[str], packs_dir: Path, n_prompts: int, hp: dict[str, Any],
+           anchors: dict[str, str] | None = None) -> dict[str, Any]:
     from benchmarks import diffusion_erasure as de
     from erasekit.guardrails.concept import Concept
     from erasekit.guardrails.pack import ConceptPack
@@ -48,13 +52,15 @@ def _packs(world: Any, concepts: list[str], packs_dir: Path, n_prompts: int, hp:
 
     out = {}
     for c in concepts:
-        path = packs_dir / f"{c}-cgce-v2-{n_prompts}"
+        anchor = (anchors or {}).get(c)
+        path = packs_dir / (f"{c}-cgce-v2-{n_prompts}" + (f"-anchor-{anchor}" if anchor else ""))
         if path.is_dir():
             pack = ConceptPack.from_pretrained(path)
         else:
             concept = Concept(c, forget=world.train_prompts(c, n_prompts, seed=1),
                               retain=world.retain_prompts(c, n_prompts, seed=1), keywords=[c])
-            pack = calibrate_cgce(world.pipe, concept)
+            pack = calibrate_cgce(world.pipe, concept,
+                                  anchor=de.anchor_concept(world, c, anchor, n_prompts) if anchor else None)
             pack.save_pretrained(path)
         if hp.get("negative_guidance") and "negative_embedding" not in pack.tensors:
             pack = add_negative_embedding(world.pipe, pack)  # packs cached before the tensor existed
@@ -62,10 +68,19 @@ def _packs(world: Any, concepts: list[str], packs_dir: Path, n_prompts: int, hp:
     return out
 
 
+def _refine_args(clf: Any) -> tuple[list[Any], dict[str, Any]]:
+    """``refine``'s twins and settings for one classifier, as the guard builds them (its anchor after it)."""
+    if clf.anchor_twin is None:
+        return [clf.twin], {"etas": [clf.eta], "max_steps": clf.max_steps, "target_logits": [clf.target_logit]}
+    return [clf.twin, clf.anchor_twin], {"etas": [clf.eta] * 2, "max_steps": clf.max_steps, "anchors": [False, True],
+                                         "target_logits": [clf.target_logit, clf.anchor_target_logit]}
+
+
 def refine_rows(clf: Any, embeds: torch.Tensor) -> list[dict[str, Any]]:
     """Detection and per-row refinement of conditioning ``[N, T, D]`` exactly as the guard does it."""
     from erasekit.classifiers.twin import refine
 
+    twins, kwargs = _refine_args(clf)
     scores = clf.scores(embeds)
     rows = []
     for i in range(len(embeds)):
@@ -74,11 +89,14 @@ def refine_rows(clf: Any, embeds: torch.Tensor) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"score": float(scores[i]), "flagged": flagged,
                                "logit": float(clf.twin.logits(e)[0]), "target_logit": clf.target_logit}
         if flagged:
-            r = refine(e, [clf.twin], torch.tensor([[True]]), etas=[clf.eta], max_steps=clf.max_steps,
-                       target_logits=[clf.target_logit])
+            r = refine(e, twins, torch.tensor([[True]] * len(twins)), **kwargs)
             row.update(steps=int(r.steps), final_logit=float(clf.twin.logits(r.embeds)[0]),
                        moved=float((r.embeds - e).norm() / e.norm()),
                        reached_target=bool(float(clf.twin.logits(r.embeds)[0]) <= clf.target_logit + 1e-4))
+            if clf.anchor_twin is not None:
+                row.update(anchor_logit=float(clf.anchor_twin.logits(e)[0]),
+                           anchor_final_logit=float(clf.anchor_twin.logits(r.embeds)[0]),
+                           anchor_target_logit=clf.anchor_target_logit)
             row["_refined"] = r.embeds
         rows.append(row)
     return rows
@@ -108,8 +126,8 @@ def diagnose_concept(world: Any, pack: Any, concept: str, seed: int, attacks: li
         rows = refine_rows(clf, embeds)
         flagged = torch.tensor([r["flagged"] for r in rows])
         if bool(flagged.any()):  # the guard refines the whole batch at once: rows must not interact
-            batch = refine(embeds, [clf.twin], flagged[None], etas=[clf.eta], max_steps=clf.max_steps,
-                           target_logits=[clf.target_logit]).embeds
+            twins, kwargs = _refine_args(clf)
+            batch = refine(embeds, twins, flagged[None].expand(len(twins), -1), **kwargs).embeds
             per_row = torch.cat([r.get("_refined", embeds[i:i + 1]) for i, r in enumerate(rows)])
             gap = float((batch - per_row).abs().max())
             if gap > 1e-4:
@@ -214,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reseeds", type=int, default=0,
                    help="also draw every prompt with this many other seeds (guarded and unguarded)")
     p.add_argument("--set", action="append", default=[], help="override a CGCE hyperparameter, KEY=VALUE")
+    p.add_argument("--anchor", default=None,
+                   help="CONCEPT=ANCHOR[,...]: calibrate/load these concepts' packs with a CGCE anchor (e.g. checker=plain)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="write rows and base rates as JSON here")
     args = p.parse_args(argv)
@@ -227,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     with de.quiet_libraries():
         world = load_world()
         world.pipe.set_progress_bar_config(disable=True)
-        packs = _packs(world, concepts, Path(args.packs), args.calibration_prompts, hp)
+        anchors = dict(kv.split("=", 1) for kv in args.anchor.split(",")) if args.anchor else None
+        packs = _packs(world, concepts, Path(args.packs), args.calibration_prompts, hp, anchors)
         rows, rates = [], {}
         for c in concepts:
             seed = args.seed + 1000 * order.index(c)
