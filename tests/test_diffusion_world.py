@@ -48,6 +48,16 @@ def test_heldout_synonyms_and_templates_never_appear_in_training_vocabulary():
         assert set(table) == set(CONCEPTS[fam])
 
 
+def test_training_synonyms_are_the_training_vocabulary_only():
+    train = _train_vocab()
+    for concept in scenes.all_concepts():
+        synonyms = scenes.training_synonyms(concept)
+        assert synonyms and set(synonyms) <= train
+    assert scenes.training_synonyms("dots")[0] == "with dots" and "spotted" in scenes.training_synonyms("dots")
+    with pytest.raises(KeyError, match="orb"):
+        scenes.training_synonyms("orb")
+
+
 # --- the committed world (loads real weights; module-scoped) ----------------------------------
 @pytest.fixture(scope="module")
 def world():

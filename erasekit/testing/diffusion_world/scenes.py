@@ -27,6 +27,7 @@ __all__ = [
     "render",
     "render_many",
     "training_caption_for",
+    "training_synonyms",
     "sample_scenes",
     "caption",
     "heldout_caption",
@@ -288,6 +289,17 @@ def _phrase(mention: dict[str, str], rng: np.random.Generator, heldout: bool,
     else:
         noun = _GENERIC_NOUN[rng.integers(len(_GENERIC_NOUN))]
     return " ".join([*parts_pre, noun, *parts_post])
+
+
+def training_synonyms(concept: str) -> list[str]:
+    """Every TRAINING-vocabulary phrasing of ``concept`` (first = the canonical one), e.g. for a
+    guard's keywords: calibration may use the training vocabulary, never the held-out one."""
+    for table in (_TRAIN_SHAPE, _TRAIN_COLOUR):
+        if concept in table:
+            return list(table[concept])
+    if concept in _TRAIN_STYLE:
+        return [text for text, _prefix in _TRAIN_STYLE[concept]]
+    raise KeyError(f"unknown concept {concept!r}; known: {sorted(all_concepts())}")
 
 
 def caption(mention: dict[str, str], rng: np.random.Generator, canonical: bool = False) -> str:

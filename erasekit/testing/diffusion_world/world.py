@@ -29,6 +29,7 @@ from erasekit.testing.diffusion_world.scenes import (
     heldout_caption,
     render_many,
     sample_scenes,
+    training_synonyms,
 )
 
 __all__ = ["World", "load_world", "default_weights_dir", "PromptSpec"]
@@ -88,6 +89,11 @@ class World:
     # --- prompt sets ---------------------------------------------------------------------
     def family(self, concept: str) -> str:
         return _check_concept(concept, "World.family")
+
+    def train_synonyms(self, concept: str) -> list[str]:
+        """The concept's training-vocabulary phrasings (allowed for calibration, e.g. as CGCE keywords)."""
+        _check_concept(concept, "World.train_synonyms")
+        return training_synonyms(concept)
 
     def direct_specs(self, concept: str, n: int, seed: int) -> list[PromptSpec]:
         """The plainest prompts: training templates with the concept's own name ("a photo of a circle")."""
