@@ -50,6 +50,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     module_name = CALIBRATORS[args.method]
+    anchor_option = next((o for o, v in (("--anchor-prompts", getattr(args, "anchor_prompts", None)),
+                                         ("--anchor-retain", getattr(args, "anchor_retain", None))) if v), None)
+    if anchor_option and args.method != "cgce":
+        raise ErasekitError(anchor_option, None, f"--method {args.method} has no anchor (only CGCE refinement "
+                            "steers onto one)", "drop the anchor options, or use --method cgce")
     if args.call and args.method not in DIFFUSION_METHODS:
         raise ErasekitError("--call", args.call[0].partition("=")[0], f"--method {args.method} calibrates a "
                             "language model, not a diffusers pipeline call", "drop --call, or use --method cgce|irece")
@@ -109,7 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--retain", required=True, help="text file, one prompt per line, that must keep working")
     cal.add_argument("--method", required=True, choices=sorted(CALIBRATORS))
     cal.add_argument("--keywords", default="", help="comma-separated keywords for the router (kif)")
-    cal.add_argument("--target", default=None, help="refusal text (LLM) or anchor prompt (diffusion)")
+    cal.add_argument("--target", default=None,
+                     help="refusal text (LLM methods), or the phrase naming a CGCE anchor, e.g. 'plain' (with --anchor-prompts)")
+    cal.add_argument("--anchor-prompts", default=None, metavar="FILE",
+                     help="cgce: text file, one prompt per line, showing the neutral value flagged prompts are steered "
+                          "onto instead of only away from the concept (needs --target naming it)")
+    cal.add_argument("--anchor-retain", default=None, metavar="FILE",
+                     help="cgce with --anchor-prompts: prompts WITHOUT the anchor (default: --retain minus the anchor "
+                          "prompts); pass it when --retain names the anchor in other words")
     cal.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a method hyperparameter (JSON value), repeatable")
     cal.add_argument("--call", action="append", default=[], metavar="KEY=VALUE",

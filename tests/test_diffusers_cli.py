@@ -147,3 +147,36 @@ def test_set_cannot_smuggle_call_kwargs(saved_pipe, capsys):
                                 keywords=False))
     assert code == 2
     assert "--call KEY=VALUE" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- CGCE anchor from the command line
+def test_calibrate_cgce_with_anchor_prompts(saved_pipe, capsys):
+    root, pipe = saved_pipe
+    (root / "anchor.txt").write_text("a plain circle\na plain square\na plain star\na plain heart\n")
+    out = root / "pack-anchor"
+    assert main(_calibrate_args(root, "cgce", out, "--target", "plain", "--anchor-prompts",
+                                str(root / "anchor.txt"))) == 0
+    pack = ConceptPack.from_pretrained(out)
+    hp = pack.hyperparameters
+    assert hp["anchor"] == 1 and "plain" in hp["anchor_prompt"] and {"anchor_twin_weight", "anchor_twin_bias",
+                                                                        "anchor_concept_embedding"} <= set(pack.tensors)
+    with guard(pipe, [pack]) as g:  # the anchored pack serves like any other
+        g("a red star", erase=["red"], num_inference_steps=1, height=32, width=32, output_type="pt",
+          generator=torch.Generator().manual_seed(0))
+    assert g.last_report.flagged["red"] and g.last_report.refine_steps > 0
+
+
+@pytest.mark.parametrize(("method", "extra", "field", "fix"), [
+    ("cgce", ["--anchor-prompts", "forget.txt"], "--anchor-prompts", "--target PHRASE"),  # anchor without a name
+    ("cgce", ["--target", "plain"], "--target", "--anchor-prompts FILE"),                # name without prompts
+    ("irece", ["--target", "plain", "--anchor-prompts", "forget.txt"], "--anchor-prompts", "--method cgce"),
+    ("kif", ["--anchor-prompts", "forget.txt"], "--anchor-prompts", "--method cgce"),
+])
+def test_calibrate_refuses_incomplete_or_misplaced_anchor(saved_pipe, method, extra, field, fix, capsys):
+    root, _ = saved_pipe
+    extra = [str(root / a) if a.endswith(".txt") else a for a in extra]
+    out = root / f"bad-anchor-{method}"
+    assert main(_calibrate_args(root, method, out, *extra)) == 2
+    err = capsys.readouterr().err
+    assert field in err and fix in err
+    assert not out.exists()

@@ -29,7 +29,12 @@ from erasekit.classifiers import cgce
 from erasekit.classifiers.detector import fit_detector
 from erasekit.classifiers.onnx_export import export_detector
 from erasekit.errors import ErasekitError
-from erasekit.guardrails.cli_inputs import concept_from_args, parse_call_settings, parse_overrides
+from erasekit.guardrails.cli_inputs import (
+    concept_from_args,
+    parse_call_settings,
+    parse_overrides,
+    read_prompt_file,
+)
 from erasekit.guardrails.concept import Concept
 from erasekit.guardrails.pack import ConceptPack
 from erasekit.integrations.diffusers import (
@@ -456,6 +461,28 @@ def check_call_settings(pipe: DiffusionPipeline, call: dict[str, Any], option: s
     return call
 
 
+def anchor_from_args(args: argparse.Namespace, concept: Concept) -> Concept | None:
+    """The CGCE anchor of ``--anchor-prompts FILE [--anchor-retain FILE]``, named by ``--target``.
+
+    The phrase matters: the anchor detector attends with it as CGCE's does with the concept's
+    keywords, so it is required rather than defaulted to a made-up name. A ``--target`` without
+    anchor prompts is refused for diffusion methods instead of being silently ignored.
+    """
+    prompts = getattr(args, "anchor_prompts", None)
+    target = (args.target or "").strip()
+    if not prompts:
+        if target:
+            raise ErasekitError("--target", None, f"--method {args.method} reads --target only as the name of a CGCE "
+                                "anchor, which needs its prompts", "add --anchor-prompts FILE (cgce), or drop --target")
+        return None
+    if not target:
+        raise ErasekitError("--anchor-prompts", None, "the anchor has no name to attend with",
+                            "add --target PHRASE naming the anchor, e.g. --target plain")
+    retain = getattr(args, "anchor_retain", None)
+    return Concept(f"{concept.name}_anchor", forget=read_prompt_file(prompts, "anchor-prompts"),
+                   retain=read_prompt_file(retain, "anchor-retain") if retain else (), keywords=[target])
+
+
 def calibrate_main(args: argparse.Namespace) -> int:
     """CLI entry: load the pipeline directory, calibrate, save the pack."""
     concept = concept_from_args(args)
@@ -471,12 +498,13 @@ def calibrate_main(args: argparse.Namespace) -> int:
     pipe = DiffusionPipeline.from_pretrained(args.model, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     call = check_call_settings(pipe, call)
+    anchor = anchor_from_args(args, concept)
     if args.method == "cgce":
         used = {k: v for k, v in call.items() if k not in CGCE_UNUSED_CALL_KEYS}
         if len(used) < len(call):
             print(f"cgce: --call {', '.join(sorted(set(call) - set(used)))} not used (they steer denoising; CGCE "
                   "reads the conditioning the pipeline builds before its first denoiser call)", file=sys.stderr)
-        pack = calibrate_cgce(pipe, concept, progress=True, encode_kwargs=used, **overrides)
+        pack = calibrate_cgce(pipe, concept, progress=True, encode_kwargs=used, anchor=anchor, **overrides)
     else:
         used = call
         pack = calibrate_irece(pipe, concept, call_kwargs=used, **overrides)
