@@ -337,10 +337,14 @@ def _time(fn: Any, reps: int) -> list[float]:
 
 def measure_overhead(world: World, packs: dict[str, dict[str, ConceptPack]], concept: str, reps: int,
                      batch: int = 4) -> dict[str, Any]:
-    """Median latency ratios guarded/unguarded (benign and flagged prompts) and ONNX detection time.
+    """Added latency guarded vs unguarded (benign and flagged prompts) and ONNX detection time.
 
     Unguarded and guarded runs alternate within one process so CPU contention from other jobs
     hits both alike; each call generates ``batch`` images with the world's sampling settings.
+    The headline (``benign_overhead``, ``flagged_overhead``) is the median over repetitions of the
+    *paired* ratio guarded / unguarded - 1 (each pair ran back to back): on two shared cores the
+    ratio of two separate medians moved by +-2.5 % between identical calls at 7 repetitions,
+    more than the 1 % it is meant to resolve. The ratio of medians is kept as ``*_ratio_of_medians``.
     """
     benign = [s.prompt for s in world.benign_specs(concept, batch, 3)]
     flagged = world.direct_prompts(concept, batch, 3)
@@ -360,11 +364,11 @@ def measure_overhead(world: World, packs: dict[str, dict[str, ConceptPack]], con
         finally:
             g.detach()
         med = {k: statistics.median(v) for k, v in times.items()}
-        result[name] = {
-            "median_s": med,
-            "benign_overhead": med["guard_benign"] / med["base_benign"] - 1,
-            "flagged_overhead": med["guard_flagged"] / med["base_flagged"] - 1,
-        }
+        result[name] = {"median_s": med}
+        for kind in ("benign", "flagged"):
+            pairs = [g / b - 1 for g, b in zip(times[f"guard_{kind}"], times[f"base_{kind}"], strict=True)]
+            result[name][f"{kind}_overhead"] = statistics.median(pairs)
+            result[name][f"{kind}_overhead_ratio_of_medians"] = med[f"guard_{kind}"] / med[f"base_{kind}"] - 1
     clf = CGCEClassifier.from_pack(p["cgce"])
     one = encode_conditioning(world.pipe, benign[:1])
     many = encode_conditioning(world.pipe, benign * 4)

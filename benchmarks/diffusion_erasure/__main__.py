@@ -37,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="override a tuned CGCE hyperparameter for this run (JSON value), e.g. margin=1.5")
     p.add_argument("--quick", action="store_true", help="few images/steps (CI smoke)")
     p.add_argument("--skip-eval", action="store_true", help="only tune (with --tune)")
-    p.add_argument("--overhead-reps", type=int, default=7)
+    p.add_argument("--overhead-reps", type=int, default=30,
+                   help="interleaved repetitions of the latency section (4 images per call, ~1 min per 8 reps)")
+    p.add_argument("--overhead-only", action="store_true",
+                   help="calibrate the first concept only, time it, write overhead.json (results.json untouched)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="bench_out/diffusion-erasure")
     args = p.parse_args(argv)
@@ -90,6 +93,16 @@ def main(argv: list[str] | None = None) -> int:
         for item in args.cgce_set:
             key, _, value = item.partition("=")
             cgce_hp = {**cgce_hp, key: json.loads(value)}
+        if args.overhead_only:
+            packs = de.calibrate_packs(world, concepts[:1], args.calibration_prompts, hp, cache, cgce_hp)
+            overhead = de.measure_overhead(world, packs, concepts[0], 2 if args.quick else args.overhead_reps)
+            overhead["seconds"] = round(time.time() - t0, 1)
+            (out / "overhead.json").write_text(json.dumps(overhead, indent=2) + "\n")
+            for k in ("cgce", "cgce+irece"):
+                print(f"{k}: added latency benign {100 * overhead[k]['benign_overhead']:+.2f} %, flagged "
+                      f"{100 * overhead[k]['flagged_overhead']:+.2f} % (median of {overhead['reps']} paired reps)")
+            print(f"wrote {out}/overhead.json in {overhead['seconds']} s")
+            return 0
         packs = de.calibrate_packs(world, concepts, args.calibration_prompts, hp, cache, cgce_hp)
         results = de.evaluate(world, packs, concepts, out, args.quick)
         overhead = de.measure_overhead(world, packs, concepts[0], 2 if args.quick else args.overhead_reps)
