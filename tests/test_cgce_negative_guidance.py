@@ -150,3 +150,33 @@ def test_negative_guidance_with_irece_refused_nothing_attached(pipe, pack):
     assert registry is None or registry.get_hook(HOOK_NAME) is None
     with guard(pipe, [pack, irece]):  # negative guidance off: the same packs guard together
         pass
+
+
+# ---------------------------------------------------------------- negative_source: refinement
+def test_refinement_source_uncond_moves_by_what_refinement_removed(pipe, pack):
+    off_img, off_cond, _ = _run(pipe, [pack], [RED, BLUE], ["red"])
+    delta = _with(pack, negative_guidance=True, negative_source="refinement")
+    on_img, on_cond, report = _run(pipe, [delta], [RED, BLUE], ["red"])
+    # CFG batch [uncond RED, uncond BLUE, cond RED, cond BLUE]: only RED is flagged
+    assert report.flagged["red"] == [2] and report.negative_guided == [0]
+    original = pipe.encode_prompt([RED], "cpu", 1, True)  # (cond, uncond) before any refinement
+    removed = original[0][0] - off_cond[2]  # what refinement took out of RED's conditional row
+    assert removed.abs().max() > 0
+    torch.testing.assert_close(on_cond[0], original[1][0] + removed)
+    assert torch.equal(on_cond[1:], off_cond[1:])  # benign uncond row and both cond rows as without it
+    assert torch.equal(on_img[1], off_img[1]) and not torch.equal(on_img[0], off_img[0])
+    # needs no negative_embedding tensor; an unknown source is refused naming the field
+    bare = dataclasses.replace(delta, tensors={k: v for k, v in delta.tensors.items() if k != "negative_embedding"})
+    bare.validate()
+    with pytest.raises(PackError) as err:
+        _with(pack, negative_guidance=True, negative_source="prompt").validate()
+    assert err.value.field == "hyperparameters.negative_source" and "refinement" in err.value.fix
+
+
+def test_refinement_source_with_irece_refused(pipe, pack):
+    from erasekit.integrations.diffusers_calibrate import calibrate_irece
+
+    irece = calibrate_irece(pipe, red_concept(), n_prompts=4, threshold=0.0, end=1.0,
+                            call_kwargs={"num_inference_steps": 2, "height": 32, "width": 32})
+    with pytest.raises(PackError, match="cannot be combined with IRECE"):
+        guard(pipe, [_with(pack, negative_guidance=True, negative_source="refinement"), irece])

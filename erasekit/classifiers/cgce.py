@@ -23,6 +23,12 @@ twin's folded weights, and the concept embedding the features attend with. Hyper
   (``[seq_len, embed_dim]``: the pipeline's own encoding of the concept's text, written by
   calibration, the text in ``negative_prompt``), so guidance pushes away from the concept (SLD-style);
   0 (the default; packs without the field read as 0) leaves the unconditional branch alone;
+* ``negative_source``: where that unconditional row comes from -- ``"text"`` (the default:
+  ``negative_embedding``) or ``"refinement"``: the row's own unconditional embedding plus what the
+  refinement removed from its conditional row, ``u + (E - E')``. Why: the concept's text carries
+  more than the concept (on the world it moved the other families of multi-concept images); the
+  refinement's displacement is exactly what the classifier calls the concept, and the conditional
+  and unconditional rows then share everything else. No tensor needed;
 * ``anchor``: 1 to also steer flagged rows *towards* an anchor concept (Concept Ablation's and
   ESD/UCE's "Van Gogh -> a painting"), not only away from the concept: refinement then pushes a
   second twin -- the optional tensors ``anchor_concept_embedding`` ``[K, embed_dim]``,
@@ -58,6 +64,8 @@ METHOD = "cgce"
 DEFAULTS: dict[str, float | int] = {"tau": 0.1, "threshold": 0.5, "eta": 1.0, "max_steps": 20, "target": 0.01,
                                     "margin": 2.0, "flat": 1, "negative_guidance": 0}
 _TENSORS = ("concept_embedding", "twin_weight", "twin_bias")
+#: where negative guidance's unconditional row comes from (``negative_source``)
+NEGATIVE_SOURCES = ("text", "refinement")
 _ANCHOR_TENSORS = ("anchor_concept_embedding", "anchor_twin_weight", "anchor_twin_bias")
 _OPTIONAL_TENSORS = ("negative_embedding", *_ANCHOR_TENSORS)
 
@@ -94,6 +102,10 @@ def validate(pack: ConceptPack, where: str) -> None:
     if not isinstance(negative_guidance, int) or negative_guidance not in (0, 1):  # bools are ints
         raise PackError(where, "hyperparameters.negative_guidance", f"must be true/false (or 1/0), got "
                         f"{negative_guidance!r}", "pass --set negative_guidance=true or false")
+    source = hp.get("negative_source", "text")
+    if source not in NEGATIVE_SOURCES:
+        raise PackError(where, "hyperparameters.negative_source", f"must be one of {list(NEGATIVE_SOURCES)}, got "
+                        f"{source!r}", "pass --set negative_source=text or --set negative_source=refinement")
     names = set(pack.tensors)
     if not set(_TENSORS) <= names <= set(_TENSORS + _OPTIONAL_TENSORS):
         raise PackError(where, "tensors", f"expected tensors {sorted(_TENSORS)} (+ optional "
@@ -107,9 +119,10 @@ def validate(pack: ConceptPack, where: str) -> None:
         if not negative.is_floating_point() or not bool(torch.isfinite(negative).all()):
             raise PackError(where, "tensors.negative_embedding", "must be finite floating point",
                             "re-calibrate the pack")
-    elif negative_guidance:
+    elif negative_guidance and source == "text":
         raise PackError(where, "hyperparameters.negative_guidance", "is 1 but the pack has no "
-                        "tensors.negative_embedding", "re-calibrate with this erasekit, or set negative_guidance=0")
+                        "tensors.negative_embedding", "re-calibrate with this erasekit, set negative_guidance=0, "
+                        "or set negative_source=refinement")
     _check_twin(pack, where, "", seq_len, dim, flat)
     anchor = hp.get("anchor", 0)
     if not isinstance(anchor, int) or anchor not in (0, 1):  # bools are ints
@@ -167,6 +180,8 @@ class CGCEClassifier:
     target_logit: float = float("-inf")  # where refinement stops: min(logit(target), margin target)
     #: ``[T, D]`` unconditional embedding for flagged rows under CFG, or None (negative guidance off)
     negative_embedding: torch.Tensor | None = None
+    #: negative guidance from the refinement's displacement (``negative_source: refinement``)
+    negative_from_refinement: bool = False
     #: the anchor's twin, pushed above ``anchor_target_logit`` on flagged rows, or None (no anchor)
     anchor_twin: TorchTwin | None = None
     anchor_target_logit: float = float("inf")
@@ -209,7 +224,10 @@ class CGCEClassifier:
             max_steps=int(hp["max_steps"]),
             target_logit=target_logit,
             negative_embedding=pack.tensors["negative_embedding"].float()
-            if hp.get("negative_guidance") and "negative_embedding" in pack.tensors else None,
+            if hp.get("negative_guidance") and hp.get("negative_source", "text") == "text"
+            and "negative_embedding" in pack.tensors else None,
+            negative_from_refinement=bool(hp.get("negative_guidance"))
+            and hp.get("negative_source", "text") == "refinement",
             anchor_twin=anchor,
             anchor_target_logit=float(hp["anchor_target_logit"]) if anchor is not None else float("inf"),
         )

@@ -498,7 +498,8 @@ class DiffusersGuard:
         self.fault_counts: dict[str, int] = {}
         self._classifiers = {p.name: CGCEClassifier.from_pack(p) for p in loaded if p.method == "cgce"}
         self._irece = {p.name: self._irece_concept(p) for p in loaded if p.method == "irece"}
-        negative = sorted(n for n, c in self._classifiers.items() if c.negative_embedding is not None)
+        negative = sorted(n for n, c in self._classifiers.items()
+                          if c.negative_embedding is not None or c.negative_from_refinement)
         if negative and self._irece:  # refused before anything attaches
             raise PackError(f"CGCE pack {negative[0]!r}", "hyperparameters.negative_guidance",
                             f"negative guidance (on for {negative}) cannot be combined with IRECE packs "
@@ -743,6 +744,7 @@ class DiffusersGuard:
         twins, rows, etas, targets, steps = [], [], [], [], 0
         anchors: list[bool] = []  # per twin: True for a concept's anchor (pushed above its target)
         negatives: list[tuple[torch.Tensor, torch.Tensor]] = []  # (negative embedding [T, D], flagged rows)
+        from_refinement: torch.Tensor | None = None  # rows whose uncond gets the refinement's displacement
         for name in sorted(active):
             clf = self._classifiers[name]
             if embeds.ndim != 3 or tuple(embeds.shape[1:]) != (clf.seq_len, clf.embed_dim):
@@ -775,6 +777,8 @@ class DiffusersGuard:
                 steps = max(steps, clf.max_steps)
                 if clf.negative_embedding is not None:
                     negatives.append((clf.negative_embedding, flagged))
+                if clf.negative_from_refinement:
+                    from_refinement = flagged if from_refinement is None else from_refinement | flagged
         out = embeds
         if twins:
             result = refine(embeds, twins, torch.stack(rows), etas=etas, max_steps=steps, target_logits=targets,
@@ -783,6 +787,8 @@ class DiffusersGuard:
             state.report.refine_steps = max(state.report.refine_steps, result.steps)
         if negatives:
             out = self._negative_guidance(state, out, negatives)
+        if from_refinement is not None and out is not embeds:
+            out = self._refinement_negative(state, embeds, out, from_refinement)
         if len(state.cache) >= _CACHE_ENTRIES:  # long erasing() blocks (an attacker's training loop)
             state.cache.pop(next(iter(state.cache)))
         state.cache[key] = (embeds, out)
@@ -814,6 +820,28 @@ class DiffusersGuard:
         mean = total / count.clamp(min=1)[:, None, None]
         uncond = torch.where(replace[:, None, None], mean, out[:images])
         state.report.negative_guided = torch.nonzero(replace).flatten().tolist()
+        return torch.cat([uncond, out[images:]])
+
+    def _refinement_negative(self, state: _CallState, embeds: torch.Tensor, out: torch.Tensor,
+                             flagged: torch.Tensor) -> torch.Tensor:
+        """Flagged conditional rows' unconditional row moves by what refinement removed: ``u + (E - E')``.
+
+        Classifier-free guidance then extrapolates away from exactly the displacement the
+        classifier attributes to the concept, while the conditional and unconditional rows share
+        the rest of the prompt (a negative *text* differs from the empty prompt in more than the
+        concept). Same conditions as :meth:`_negative_guidance`: a no-op without CFG and in
+        ``erasing()`` blocks. Added after a text negative if a row has both. Other rows keep their values.
+        """
+        images = state.call_images
+        if not images or out.shape[0] != 2 * images or not getattr(self.pipe, "do_classifier_free_guidance", False):
+            return out
+        cond = flagged[images:]
+        if not bool(cond.any()):
+            return out
+        removed = embeds[images:].to(out.dtype) - out[images:]
+        uncond = torch.where(cond[:, None, None], out[:images] + removed, out[:images])
+        state.report.negative_guided = sorted(set(state.report.negative_guided)
+                                              | set(torch.nonzero(cond).flatten().tolist()))
         return torch.cat([uncond, out[images:]])
 
     # -------------------------------------------------------------- IRECE
