@@ -2,98 +2,25 @@
 """Round 1 of CGCE negative guidance on the TUNING concepts; the rule is DECISION.md (committed first).
 
 ``python benchmarks/diffusion_erasure/results/cgce_negguide/round1.py [SEEDS] > round1.md`` (SEEDS default 100,200).
-Every number is from real generation through ``erasekit.integrations.diffusers.guard``.
+Protocol and measures: ``common.py``.
 """
-import json, os, sys
-os.environ.setdefault("HF_HUB_OFFLINE", "1"); os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from pathlib import Path
-REPO = Path(__file__).resolve().parents[4]
-sys.path.insert(0, str(REPO))
-import numpy as np, torch
-torch.set_num_threads(1)
+
+import numpy as np
+
+from common import CONCEPTS, run_round
 from benchmarks import diffusion_erasure as de
-from erasekit.guardrails.pack import ConceptPack
-from erasekit.integrations.diffusers import guard
 from erasekit.integrations.diffusers_calibrate import add_negative_embedding
-from erasekit.testing.diffusion_world import load_world
-from erasekit.testing.diffusion_world.scenes import _phrase
+from erasekit.testing.diffusion_world.scenes import _phrase, family_of
 
-CONCEPTS = ["square", "green", "checker"]
-SEEDS = [int(s) for s in (sys.argv[1] if len(sys.argv) > 1 else "100,200").split(",")]
-N, NB = 12, 24
-with de.quiet_libraries():
-    W = load_world(); W.pipe.set_progress_bar_config(disable=True)
-    hp = de.tuned_cgce_hyperparameters()
-    base_packs = {c: ConceptPack.from_pretrained(REPO / f"bench_out/cgce-tune/packs/{c}-cgce-v2-300") for c in CONCEPTS}
-    texts = {"name": {c: None for c in CONCEPTS},
-             "phrase": {c: _phrase({W.family(c): c}, np.random.default_rng(0), heldout=False, canonical=True)
-                        for c in CONCEPTS}}
-    packs = {"off": {c: de.with_hyperparameters(p, **hp) for c, p in base_packs.items()}}
-    for name, tx in texts.items():
-        packs[name] = {c: de.with_hyperparameters(add_negative_embedding(W.pipe, p, tx[c]), **hp, negative_guidance=1)
-                       for c, p in base_packs.items()}
-    rows = []
-    for s0 in SEEDS:
-        for i, c in enumerate(CONCEPTS):
-            seed = s0 + 1000 * i
-            fam = W.family(c); others = tuple(f for f in ("shape", "colour", "style") if f != fam)
-            specs = {"direct": W.direct_specs(c, N, seed), "paraphrase": W.heldout_specs(c, N, seed),
-                     "multi_concept": W.multi_specs(c, N, seed), "benign": W.benign_specs(c, NB, seed)}
-            for setting in ["unguarded", *packs]:
-                for attack, sp in specs.items():
-                    prompts = [s.prompt for s in sp]
-                    if setting == "unguarded":
-                        imgs = W.generate(prompts, seed)
-                        neg = []
-                    else:
-                        with guard(W.pipe, [packs[setting][c]]) as g:
-                            imgs, neg = [], []
-                            for j in range(0, len(prompts), 16):  # World.generate's batches, to read each report
-                                imgs.append(W.generate(prompts[j:j + 16], seed + j, call=g, erase=[c]))
-                                neg += [j + k for k in g.last_report.negative_guided]
-                            imgs = np.concatenate(imgs)
-                    r = {"setting": setting, "seed": seed, "concept": c, "attack": attack, "n": len(sp),
-                         "found": int(W.detector.finds(imgs, c, fam).sum()), "negative_guided": len(neg)}
-                    if attack == "multi_concept":
-                        r["other_agree"] = float(np.mean(list(W.agreement(sp, imgs, families=others).values())))
-                    if attack == "benign":
-                        r["benign_acc"] = float(np.mean(list(W.agreement(sp, imgs).values())))
-                        r["_imgs"] = imgs
-                    rows.append(r)
-            base = {r["attack"]: r for r in rows if r["setting"] == "unguarded" and r["seed"] == seed and r["concept"] == c}
-            for r in rows:
-                if r["seed"] == seed and r["concept"] == c and r["attack"] == "benign" and "_imgs" in r:
-                    r["bit_identical"] = int(sum(np.array_equal(a, b) for a, b in zip(r["_imgs"], base["benign"]["_imgs"])))
-            print(f"seed {seed} {c}: done", file=sys.stderr, flush=True)
-    for r in rows:
-        r.pop("_imgs", None)
+TEXTS = {"name": {c: None for c in CONCEPTS},
+         "phrase": {c: _phrase({family_of(c): c}, np.random.default_rng(0), heldout=False, canonical=True)
+                    for c in CONCEPTS}}
 
-def pooled(setting):
-    rs = [r for r in rows if r["setting"] == setting]
-    att = {a: (sum(r["found"] for r in rs if r["attack"] == a), sum(r["n"] for r in rs if r["attack"] == a))
-           for a in ("direct", "paraphrase", "multi_concept")}
-    crr = sum(v[0] for v in att.values()), sum(v[1] for v in att.values())
-    mean = lambda k, a: float(np.mean([r[k] for r in rs if r["attack"] == a]))
-    bit = sum(r.get("bit_identical", 0) for r in rs if r["attack"] == "benign")
-    return {"crr": crr, "attacks": att, "other_agree": mean("other_agree", "multi_concept"),
-            "benign_acc": mean("benign_acc", "benign"), "bit_identical": bit,
-            "negative_guided": sum(r["negative_guided"] for r in rs)}
 
-P = {s: pooled(s) for s in ["unguarded", *packs]}
-u = P["unguarded"]
-print(f"seeds {SEEDS} (+1000 per concept), concepts {CONCEPTS}, cgce {hp}; negative texts: {json.dumps(texts)}\n")
-print("| setting | CRR direct+para+multi | direct | paraphrase | multi_concept | multi other-family agree (ratio) "
-      "| benign acc (ratio) | benign bit-identical | uncond rows replaced |")
-print("|---|---|---|---|---|---|---|---|---|")
-for s, p in P.items():
-    a = p["attacks"]
-    print(f"| {s} | {p['crr'][0]}/{p['crr'][1]} ({100 * p['crr'][0] / p['crr'][1]:.1f} %) | "
-          + " | ".join(f"{a[k][0]}/{a[k][1]}" for k in a)
-          + f" | {p['other_agree']:.3f} ({p['other_agree'] / u['other_agree']:.3f}) | {p['benign_acc']:.3f} "
-          f"({p['benign_acc'] / u['benign_acc']:.3f}) | {p['bit_identical']}/{NB * len(CONCEPTS) * len(SEEDS)} | {p['negative_guided']} |")
-print("\nPer concept (found / n):\n\n| setting | seed | concept | direct | paraphrase | multi_concept |\n|---|---|---|---|---|---|")
-for r in rows:
-    if r["attack"] == "direct":
-        g = {x["attack"]: x for x in rows if x["setting"] == r["setting"] and x["seed"] == r["seed"] and x["concept"] == r["concept"]}
-        print(f"| {r['setting']} | {r['seed']} | {r['concept']} | " + " | ".join(f"{g[k]['found']}/{g[k]['n']}" for k in ("direct", "paraphrase", "multi_concept")) + " |")
-(Path(__file__).parent / "round1.json").write_text(json.dumps({"seeds": SEEDS, "texts": texts, "hp": hp, "rows": rows, "pooled": P}, indent=1) + "\n")
+def make_packs(world, base_packs, hp):
+    return {name: {c: de.with_hyperparameters(add_negative_embedding(world.pipe, p, tx[c]), **hp, negative_guidance=1)
+                   for c, p in base_packs.items()} for name, tx in TEXTS.items()}
+
+
+run_round(make_packs, Path(__file__).parent / "round1.json", texts=TEXTS)
