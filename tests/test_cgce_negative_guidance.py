@@ -180,3 +180,14 @@ def test_refinement_source_with_irece_refused(pipe, pack):
                             call_kwargs={"num_inference_steps": 2, "height": 32, "width": 32})
     with pytest.raises(PackError, match="cannot be combined with IRECE"):
         guard(pipe, [_with(pack, negative_guidance=True, negative_source="refinement"), irece])
+
+
+def test_refinement_source_can_be_set_at_calibration(pipe, pack):
+    # the fix validate() gives ("pass --set negative_source=refinement") must work at calibration;
+    # packs calibrated without it keep their hyperparameters as before (no new key)
+    assert "negative_source" not in pack.hyperparameters
+    delta = calibrate_cgce(pipe, red_concept(), negative_guidance=1, negative_source="refinement")
+    assert delta.hyperparameters["negative_source"] == "refinement"
+    with pytest.raises(PackError) as err:
+        calibrate_cgce(pipe, red_concept(), negative_source="prompt").validate()  # as save_pretrained does
+    assert err.value.field == "hyperparameters.negative_source"

@@ -66,6 +66,8 @@ DEFAULTS: dict[str, float | int] = {"tau": 0.1, "threshold": 0.5, "eta": 1.0, "m
 _TENSORS = ("concept_embedding", "twin_weight", "twin_bias")
 #: where negative guidance's unconditional row comes from (``negative_source``)
 NEGATIVE_SOURCES = ("text", "refinement")
+#: hyperparameters calibration accepts (``--set``) but does not write unless given (absent: the default)
+OPTIONAL_HYPERPARAMETERS = ("negative_source",)
 _ANCHOR_TENSORS = ("anchor_concept_embedding", "anchor_twin_weight", "anchor_twin_bias")
 _OPTIONAL_TENSORS = ("negative_embedding", *_ANCHOR_TENSORS)
 

@@ -146,10 +146,13 @@ def add_negative_embedding(pipe: DiffusionPipeline, pack: ConceptPack, negative_
     return pack
 
 
-def _apply_overrides(hp: dict[str, Any], overrides: dict[str, Any], method: str) -> dict[str, Any]:
-    unknown = sorted(set(overrides) - set(hp))
+def _apply_overrides(hp: dict[str, Any], overrides: dict[str, Any], method: str,
+                     optional: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``hp`` with ``overrides``; ``optional`` names keys accepted although ``hp`` has no default for them."""
+    known = {*hp, *optional}
+    unknown = sorted(set(overrides) - known)
     if unknown:
-        raise ErasekitError("--set", unknown[0], f"unknown {method} hyperparameter", f"use one of {sorted(hp)}")
+        raise ErasekitError("--set", unknown[0], f"unknown {method} hyperparameter", f"use one of {sorted(known)}")
     return {**hp, **overrides}
 
 
@@ -187,7 +190,7 @@ def calibrate_cgce(
     if len(concept.forget) < 2 or len(concept.retain) < 2:
         raise ErasekitError("Concept", "forget/retain", "CGCE needs at least 2 prompts with and 2 without the concept",
                             "pass a few hundred of each (pairs that differ only by the concept work best)")
-    hp = _apply_overrides(dict(cgce.DEFAULTS), hyperparameters, "cgce")
+    hp = _apply_overrides(dict(cgce.DEFAULTS), hyperparameters, "cgce", cgce.OPTIONAL_HYPERPARAMETERS)
     encode_kwargs = encode_kwargs or {}
     unsafe = encode_conditioning(pipe, concept.forget, batch_size, progress, **encode_kwargs)
     safe = encode_conditioning(pipe, concept.retain, batch_size, progress, **encode_kwargs)
