@@ -171,9 +171,15 @@ def test_calibrate_cgce_with_anchor_prompts(saved_pipe, capsys):
     ("cgce", ["--target", "plain"], "--target", "--anchor-prompts FILE"),                # name without prompts
     ("irece", ["--target", "plain", "--anchor-prompts", "forget.txt"], "--anchor-prompts", "--method cgce"),
     ("kif", ["--anchor-prompts", "forget.txt"], "--anchor-prompts", "--method cgce"),
+    ("cgce", ["--anchor-retain", "retain.txt"], "--anchor-retain", "--anchor-prompts FILE"),  # negatives of no anchor
+    ("cgce", ["--target", "plain", "--anchor-prompts", "one.txt"], "--anchor-prompts", "at least 2"),
+    ("cgce", ["--target", "plain", "--anchor-prompts", "forget.txt", "--anchor-retain", "empty.txt"],
+     "--anchor-retain", "one prompt per line"),
 ])
 def test_calibrate_refuses_incomplete_or_misplaced_anchor(saved_pipe, method, extra, field, fix, capsys):
     root, _ = saved_pipe
+    (root / "one.txt").write_text("a plain circle\n")
+    (root / "empty.txt").write_text("# no prompts\n\n")
     extra = [str(root / a) if a.endswith(".txt") else a for a in extra]
     out = root / f"bad-anchor-{method}"
     assert main(_calibrate_args(root, method, out, *extra)) == 2

@@ -472,18 +472,28 @@ def anchor_from_args(args: argparse.Namespace, concept: Concept) -> Concept | No
     anchor prompts is refused for diffusion methods instead of being silently ignored.
     """
     prompts = getattr(args, "anchor_prompts", None)
+    retain = getattr(args, "anchor_retain", None)
     target = (args.target or "").strip()
     if not prompts:
         if target:
             raise ErasekitError("--target", None, f"--method {args.method} reads --target only as the name of a CGCE "
                                 "anchor, which needs its prompts", "add --anchor-prompts FILE (cgce), or drop --target")
+        if retain:
+            raise ErasekitError("--anchor-retain", None, "gives the negatives of an anchor, but there is none",
+                                "add --anchor-prompts FILE and --target PHRASE, or drop --anchor-retain")
         return None
     if not target:
         raise ErasekitError("--anchor-prompts", None, "the anchor has no name to attend with",
                             "add --target PHRASE naming the anchor, e.g. --target plain")
-    retain = getattr(args, "anchor_retain", None)
-    return Concept(f"{concept.name}_anchor", forget=read_prompt_file(prompts, "anchor-prompts"),
-                   retain=read_prompt_file(retain, "anchor-retain") if retain else (), keywords=[target])
+    forget = read_prompt_file(prompts, "anchor-prompts")
+    if len(forget) < 2:
+        raise ErasekitError("--anchor-prompts", None, f"{prompts} has {len(forget)} prompt(s); the anchor needs at "
+                            "least 2", "pass a file with a few hundred prompts that show the anchor, one per line")
+    negatives = read_prompt_file(retain, "anchor-retain") if retain else []
+    if retain and not negatives:  # an empty file would silently fall back to --retain minus the anchor prompts
+        raise ErasekitError("--anchor-retain", None, f"{retain} has no prompts",
+                            "pass a text file with one prompt per line, or drop --anchor-retain for the default")
+    return Concept(f"{concept.name}_anchor", forget=forget, retain=negatives, keywords=[target])
 
 
 def calibrate_main(args: argparse.Namespace) -> int:
@@ -498,10 +508,10 @@ def calibrate_main(args: argparse.Namespace) -> int:
             raise ErasekitError("--set", name, "pipeline-call settings are not hyperparameters",
                                 "pass each one as --call KEY=VALUE, e.g. --call num_frames=49")
     call = parse_call_settings(getattr(args, "call", None) or [])
+    anchor = anchor_from_args(args, concept)  # refused before the pipeline loads
     pipe = DiffusionPipeline.from_pretrained(args.model, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     call = check_call_settings(pipe, call)
-    anchor = anchor_from_args(args, concept)
     if args.method == "cgce":
         used = {k: v for k, v in call.items() if k not in CGCE_UNUSED_CALL_KEYS}
         if len(used) < len(call):
