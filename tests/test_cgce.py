@@ -335,3 +335,13 @@ def test_anchor_on_without_tensors_is_refused(fitted):
     with pytest.raises(PackError) as err:
         _pack(fitted, anchor=1, anchor_target_logit=1.0).validate()
     assert err.value.field == "hyperparameters.anchor"
+
+
+def test_bad_anchor_flag_fix_is_one_that_works(fitted, anchored):
+    # calibration writes `anchor` itself (`--set anchor=...` is refused there as unknown): the fix
+    # must point at the pack's hyperparameters or at the anchor options, not at --set
+    pack = _anchored_pack(fitted, anchored, anchor="yes")
+    with pytest.raises(PackError) as err:
+        pack.validate()
+    assert err.value.field == "hyperparameters.anchor" and "--set" not in err.value.fix
+    assert "--anchor-prompts" in err.value.fix

@@ -129,7 +129,8 @@ def validate(pack: ConceptPack, where: str) -> None:
     anchor = hp.get("anchor", 0)
     if not isinstance(anchor, int) or anchor not in (0, 1):  # bools are ints
         raise PackError(where, "hyperparameters.anchor", f"must be true/false (or 1/0), got {anchor!r}",
-                        "pass --set anchor=true or false")
+                        "set it to true or false in the pack's hyperparameters, or re-calibrate with "
+                        "`erasekit calibrate --method cgce --target PHRASE --anchor-prompts FILE`")
     present = [name for name in _ANCHOR_TENSORS if name in names]
     if present and len(present) < len(_ANCHOR_TENSORS):
         missing = sorted(set(_ANCHOR_TENSORS) - set(present))
