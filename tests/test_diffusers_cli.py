@@ -186,3 +186,16 @@ def test_calibrate_refuses_incomplete_or_misplaced_anchor(saved_pipe, method, ex
     err = capsys.readouterr().err
     assert field in err and fix in err
     assert not out.exists()
+
+
+def test_anchor_of_a_long_concept_name_is_a_valid_concept(tmp_path):
+    import argparse
+
+    from erasekit.guardrails.concept import Concept
+    from erasekit.integrations.diffusers_calibrate import anchor_from_args
+
+    (tmp_path / "anchor.txt").write_text("a plain circle\na plain square\n")
+    args = argparse.Namespace(method="cgce", target="plain", anchor_prompts=str(tmp_path / "anchor.txt"),
+                              anchor_retain=None)
+    anchor = anchor_from_args(args, Concept("x" * 64, forget=["a"], retain=["b"]))  # names may be 64 long
+    assert anchor.keywords == ("plain",) and anchor.forget == ("a plain circle", "a plain square")

@@ -493,7 +493,8 @@ def anchor_from_args(args: argparse.Namespace, concept: Concept) -> Concept | No
     if retain and not negatives:  # an empty file would silently fall back to --retain minus the anchor prompts
         raise ErasekitError("--anchor-retain", None, f"{retain} has no prompts",
                             "pass a text file with one prompt per line, or drop --anchor-retain for the default")
-    return Concept(f"{concept.name}_anchor", forget=forget, retain=negatives, keywords=[target])
+    # concept names are at most 64 characters: the anchor's (only recorded in anchor_prompt) must fit too
+    return Concept(f"{concept.name[:57]}_anchor", forget=forget, retain=negatives, keywords=[target])
 
 
 def calibrate_main(args: argparse.Namespace) -> int:
