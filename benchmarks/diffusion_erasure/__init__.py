@@ -366,7 +366,7 @@ def measure_overhead(world: World, packs: dict[str, dict[str, ConceptPack]], con
         med = {k: statistics.median(v) for k, v in times.items()}
         result[name] = {"median_s": med}
         for kind in ("benign", "flagged"):
-            pairs = [g / b - 1 for g, b in zip(times[f"guard_{kind}"], times[f"base_{kind}"], strict=True)]
+            pairs = [t_g / t_b - 1 for t_g, t_b in zip(times[f"guard_{kind}"], times[f"base_{kind}"], strict=True)]
             result[name][f"{kind}_overhead"] = statistics.median(pairs)
             result[name][f"{kind}_overhead_ratio_of_medians"] = med[f"guard_{kind}"] / med[f"base_{kind}"] - 1
     clf = CGCEClassifier.from_pack(p["cgce"])

@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="bench_out/diffusion-erasure")
     args = p.parse_args(argv)
+    if args.overhead_reps < 1:
+        p.error(f"--overhead-reps must be at least 1, got {args.overhead_reps}")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -244,10 +244,13 @@ def main(argv: list[str] | None = None) -> int:
         hp[k] = json.loads(v)
     concepts = args.concepts.split(",")
     order = args.seed_order.split(",") if args.seed_order else concepts
+    items = args.anchor.split(",") if args.anchor else []
+    if any(kv.count("=") != 1 or not all(kv.split("=")) for kv in items):
+        p.error(f"--anchor expects CONCEPT=ANCHOR[,CONCEPT=ANCHOR...], e.g. checker=plain; got {args.anchor!r}")
+    anchors = dict(kv.split("=", 1) for kv in items) or None
     with de.quiet_libraries():
         world = load_world()
         world.pipe.set_progress_bar_config(disable=True)
-        anchors = dict(kv.split("=", 1) for kv in args.anchor.split(",")) if args.anchor else None
         packs = _packs(world, concepts, Path(args.packs), args.calibration_prompts, hp, anchors)
         rows, rates = [], {}
         for c in concepts:

@@ -163,7 +163,7 @@ def refine(
     target_logits: list[float] | None = None,
     anchors: list[bool] | None = None,
 ) -> RefineResult:
-    """Push the ``rows`` (``[C, N]`` bool: classifier ``c`` fired on row ``n``) of ``embeds`` under their targets.
+    """Push the ``rows`` (``[C, N]`` bool: classifier ``c`` fired on row ``n``) of ``embeds`` under their targets (anchors: above).
 
     Targets are probabilities (``targets``) or logits (``target_logits``, which win when given:
     margin targets below any useful probability stay exact). ``etas`` scale each classifier's

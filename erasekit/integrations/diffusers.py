@@ -830,7 +830,9 @@ class DiffusersGuard:
         classifier attributes to the concept, while the conditional and unconditional rows share
         the rest of the prompt (a negative *text* differs from the empty prompt in more than the
         concept). Same conditions as :meth:`_negative_guidance`: a no-op without CFG and in
-        ``erasing()`` blocks. Added after a text negative if a row has both. Other rows keep their values.
+        ``erasing()`` blocks. Added after a text negative if a row has both. ``E - E'`` is the row's
+        whole refinement -- every concept refined on it, anchors included -- since one refinement
+        moves the row for all of them at once. Other rows keep their values.
         """
         images = state.call_images
         if not images or out.shape[0] != 2 * images or not getattr(self.pipe, "do_classifier_free_guidance", False):
