@@ -71,6 +71,20 @@ def test_refine_zero_steps_changes_nothing(fitted):
     assert torch.equal(result.embeds, x)
 
 
+@pytest.mark.parametrize(("kwargs", "names"), [
+    ({"etas": [1.0, 1.0]}, "etas"),                          # one per twin, not a broadcast
+    ({"target_logits": [-5.0, -5.0]}, "target_logits"),
+    ({"anchors": [False, True]}, "anchors"),
+    ({"rows": torch.ones(2, 2, dtype=torch.bool)}, "rows"),  # [C, N] with C = twins
+])
+def test_refine_refuses_per_twin_arguments_of_the_wrong_length(fitted, kwargs, names):
+    detector, _, _, _, unsafe = fitted
+    twin = TorchTwin.from_detector(detector)
+    args = {"rows": torch.ones(1, 2, dtype=torch.bool), "etas": [1.0], "target_logits": [-5.0], **kwargs}
+    with pytest.raises(ValueError, match=names):
+        refine(torch.from_numpy(unsafe[:2]), [twin], args.pop("rows"), max_steps=3, **args)
+
+
 def test_refine_is_straight_through_for_gradients(fitted):
     detector, _, _, _, unsafe = fitted
     twin = TorchTwin.from_detector(detector)

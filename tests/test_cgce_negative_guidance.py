@@ -173,6 +173,15 @@ def test_refinement_source_uncond_moves_by_what_refinement_removed(pipe, pack):
     assert err.value.field == "hyperparameters.negative_source" and "refinement" in err.value.fix
 
 
+def test_refinement_source_without_refinement_guides_nothing(pipe, pack):
+    """max_steps=0 flags but moves nothing: no displacement to guide by, so the uncond row and the report stay put."""
+    off_img, off_cond, _ = _run(pipe, [_with(pack, max_steps=0)], [RED, BLUE], ["red"])
+    on_img, on_cond, report = _run(pipe, [_with(pack, max_steps=0, negative_guidance=True,
+                                                negative_source="refinement")], [RED, BLUE], ["red"])
+    assert report.flagged["red"] == [2] and report.negative_guided == []
+    assert torch.equal(on_cond, off_cond) and torch.equal(on_img, off_img)
+
+
 def test_refinement_source_with_irece_refused(pipe, pack):
     from erasekit.integrations.diffusers_calibrate import calibrate_irece
 

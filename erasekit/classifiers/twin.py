@@ -185,6 +185,13 @@ def refine(
         if targets is None:
             raise ValueError("refine needs targets or target_logits")
         target_logits = [_logit(t) for t in targets]
+    per_twin = {"etas": etas, "targets/target_logits": target_logits, "anchors": anchors}
+    for name, values in per_twin.items():
+        if values is not None and len(values) != len(twins):
+            raise ValueError(f"refine: {name} has {len(values)} entries for {len(twins)} twins; pass one per twin")
+    if rows.ndim != 2 or rows.shape != (len(twins), embeds.shape[0]):
+        raise ValueError(f"refine: rows has shape {list(rows.shape)}, expected [{len(twins)} twins, "
+                         f"{embeds.shape[0]} rows of embeds]")
     base = embeds.detach()
     with torch.inference_mode(False), torch.enable_grad():
         full = base.float().clone()  # a normal tensor even when ``embeds`` is an inference tensor

@@ -779,15 +779,15 @@ class DiffusersGuard:
                     negatives.append((clf.negative_embedding, flagged))
                 if clf.negative_from_refinement:
                     from_refinement = flagged if from_refinement is None else from_refinement | flagged
-        out = embeds
+        out, refined = embeds, False
         if twins:
             result = refine(embeds, twins, torch.stack(rows), etas=etas, max_steps=steps, target_logits=targets,
                             anchors=anchors if any(anchors) else None)
-            out = result.embeds
+            out, refined = result.embeds, result.steps > 0
             state.report.refine_steps = max(state.report.refine_steps, result.steps)
         if negatives:
             out = self._negative_guidance(state, out, negatives)
-        if from_refinement is not None and out is not embeds:
+        if from_refinement is not None and refined:  # max_steps=0: nothing removed, nothing to guide by
             out = self._refinement_negative(state, embeds, out, from_refinement)
         if len(state.cache) >= _CACHE_ENTRIES:  # long erasing() blocks (an attacker's training loop)
             state.cache.pop(next(iter(state.cache)))
