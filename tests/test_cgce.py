@@ -343,6 +343,7 @@ def test_bad_anchor_tensors_are_refused(fitted, anchored, edit, field):
     with pytest.raises(PackError) as err:
         pack.validate()
     assert err.value.field == field and err.value.fix
+    assert "--set anchor" not in err.value.fix  # calibration writes the anchor fields; --set cannot fix them
 
 
 def test_anchor_on_without_tensors_is_refused(fitted):

@@ -72,13 +72,14 @@ _ANCHOR_TENSORS = ("anchor_concept_embedding", "anchor_twin_weight", "anchor_twi
 _OPTIONAL_TENSORS = ("negative_embedding", *_ANCHOR_TENSORS)
 
 
-def _number(hp: dict, key: str, where: str, lo: float, hi: float, integer: bool = False) -> float:
+def _number(hp: dict, key: str, where: str, lo: float, hi: float, integer: bool = False,
+            fix: str | None = None) -> float:
     value = hp.get(key)
     ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
     if isinstance(value, bool) or not ok_type or not lo <= value <= hi:
         kind = "an integer" if integer else "a number"
         raise PackError(where, f"hyperparameters.{key}", f"must be {kind} in [{lo}, {hi}], got {value!r}",
-                        f"re-calibrate, or pass --set {key}=VALUE within range")
+                        fix or f"re-calibrate, or pass --set {key}=VALUE within range")
     return value
 
 
@@ -138,7 +139,8 @@ def validate(pack: ConceptPack, where: str) -> None:
                         "re-calibrate the pack with its anchor prompts")
     if present:
         _check_twin(pack, where, "anchor_", seq_len, dim, flat)
-        _number(hp, "anchor_target_logit", where, -1e4, 1e4)
+        _number(hp, "anchor_target_logit", where, -1e4, 1e4,  # written by calibration, not a --set
+                fix="re-calibrate the pack with its anchor (erasekit calibrate --target PHRASE --anchor-prompts FILE)")
     elif anchor:
         raise PackError(where, "hyperparameters.anchor", "is 1 but the pack has no anchor tensors",
                         "re-calibrate with anchor prompts, or set anchor=0")
