@@ -196,27 +196,13 @@ class CGCEClassifier:
         hp = pack.hyperparameters
         where = str(pack.source or f"pack {pack.name!r}")
         seq_len, dim = int(hp["seq_len"]), int(hp["embed_dim"])
-        twin = TorchTwin(
-            concept=pack.tensors["concept_embedding"].float(),
-            weight=pack.tensors["twin_weight"].float(),
-            bias=pack.tensors["twin_bias"].float(),
-            tau=float(hp["tau"]),
-            flat=bool(hp.get("flat", 0)),
-        )
+        twin = twin_from_pack(pack)
         target = float(hp["target"])
         target_logit = float(np.log(target / (1 - target)))
         if float(hp.get("margin", 0)) > 0 and "safe_logit" in hp and "unsafe_logit" in hp:
             safe, unsafe = float(hp["safe_logit"]), float(hp["unsafe_logit"])
             target_logit = min(target_logit, safe - float(hp["margin"]) * max(unsafe - safe, 0.0))
-        anchor = None
-        if hp.get("anchor") and "anchor_twin_weight" in pack.tensors:
-            anchor = TorchTwin(
-                concept=pack.tensors["anchor_concept_embedding"].float(),
-                weight=pack.tensors["anchor_twin_weight"].float(),
-                bias=pack.tensors["anchor_twin_bias"].float(),
-                tau=float(hp["tau"]),
-                flat=bool(hp.get("flat", 0)),
-            )
+        anchor = twin_from_pack(pack, "anchor_") if hp.get("anchor") and "anchor_twin_weight" in pack.tensors else None
         return cls(
             concept=pack.name,
             detector=OnnxDetector(pack.classifier_onnx or b"", seq_len, dim, where=f"{where}/classifier.onnx"),
@@ -240,6 +226,19 @@ class CGCEClassifier:
     def scores(self, embeds: torch.Tensor) -> np.ndarray:
         """P(concept) per row of conditioning ``[N, T, D]``, from the ONNX detector."""
         return self.detector.predict_proba(embeds.detach().to("cpu", torch.float32).numpy())
+
+
+def twin_from_pack(pack: ConceptPack, prefix: str = "") -> TorchTwin:
+    """The torch twin stored in ``pack`` (``prefix="anchor_"``: the anchor's); the inverse of
+    :func:`pack_tensors_from_detector`. Both twins share the pack's ``tau`` and ``flat``."""
+    hp = pack.hyperparameters
+    return TorchTwin(
+        concept=pack.tensors[f"{prefix}concept_embedding"].float(),
+        weight=pack.tensors[f"{prefix}twin_weight"].float(),
+        bias=pack.tensors[f"{prefix}twin_bias"].float(),
+        tau=float(hp["tau"]),
+        flat=bool(hp.get("flat", 0)),
+    )
 
 
 def pack_tensors_from_detector(detector: Pipeline, prefix: str = "") -> dict[str, torch.Tensor]:

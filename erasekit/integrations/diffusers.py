@@ -794,6 +794,14 @@ class DiffusersGuard:
         state.cache[key] = (embeds, out)
         return out
 
+    def _cfg_images(self, state: _CallState, out: torch.Tensor) -> int | None:
+        """Images of a pipeline call whose conditioning ``out`` is CFG's ``[uncond, cond]`` batch, else None
+        (guidance scale <= 1, or an ``erasing()`` block, where the batch layout is the caller's)."""
+        images = state.call_images
+        if not images or out.shape[0] != 2 * images or not getattr(self.pipe, "do_classifier_free_guidance", False):
+            return None
+        return images
+
     def _negative_guidance(self, state: _CallState, out: torch.Tensor,
                            negatives: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Flagged conditional rows get their concept's negative embedding as their unconditional row.
@@ -805,8 +813,8 @@ class DiffusersGuard:
         flagged for several concepts gets the mean of their negative embeddings: no concept is
         dropped, and the result does not depend on pack order. Other rows are the same values.
         """
-        images = state.call_images
-        if not images or out.shape[0] != 2 * images or not getattr(self.pipe, "do_classifier_free_guidance", False):
+        images = self._cfg_images(state, out)
+        if images is None:
             return out
         total = torch.zeros_like(out[:images])
         count = torch.zeros(images, dtype=out.dtype, device=out.device)
@@ -834,8 +842,8 @@ class DiffusersGuard:
         whole refinement -- every concept refined on it, anchors included -- since one refinement
         moves the row for all of them at once. Other rows keep their values.
         """
-        images = state.call_images
-        if not images or out.shape[0] != 2 * images or not getattr(self.pipe, "do_classifier_free_guidance", False):
+        images = self._cfg_images(state, out)
+        if images is None:
             return out
         cond = flagged[images:]
         if not bool(cond.any()):
