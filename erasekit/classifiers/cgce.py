@@ -38,7 +38,13 @@ twin's folded weights, and the concept embedding the features attend with. Hyper
   description of them). Why: a prompt that only loses the concept lands on "nothing of this kind
   named", and a generator may draw the concept there at its base rate (the world draws dots on
   ~31 % of style-free prompts); an anchor names the neutral value instead. 0 (packs without the
-  field read as 0) ignores the anchor tensors; packs without them load as before.
+  field read as 0) ignores the anchor tensors; packs without them load as before;
+* ``anchor_text``: optional words naming what a flagged prompt should show instead (``"with a plain
+  fill"``, ``"fully clothed"``). For a flagged prompt given as text, the guard re-encodes ``prompt +
+  anchor_text`` with the pipeline's own ``encode_prompt`` and refines *that* conditioning. Why: the
+  anchor twin above steers along a classifier's gradient, which the generator need not read (on
+  the world it drew plain less often, not more); words the generator was trained on it does read.
+  Calls given ``prompt_embeds`` (no text) are refined without it and the report says so.
 """
 
 from __future__ import annotations
@@ -67,7 +73,9 @@ _TENSORS = ("concept_embedding", "twin_weight", "twin_bias")
 #: where negative guidance's unconditional row comes from (``negative_source``)
 NEGATIVE_SOURCES = ("text", "refinement")
 #: hyperparameters calibration accepts (``--set``) but does not write unless given (absent: the default)
-OPTIONAL_HYPERPARAMETERS = ("negative_source",)
+OPTIONAL_HYPERPARAMETERS = ("negative_source", "anchor_text")
+#: the longest ``anchor_text`` accepted (it is appended to a prompt the text encoder truncates anyway)
+MAX_ANCHOR_TEXT = 300
 _ANCHOR_TENSORS = ("anchor_concept_embedding", "anchor_twin_weight", "anchor_twin_bias")
 _OPTIONAL_TENSORS = ("negative_embedding", *_ANCHOR_TENSORS)
 
@@ -109,6 +117,12 @@ def validate(pack: ConceptPack, where: str) -> None:
     if source not in NEGATIVE_SOURCES:
         raise PackError(where, "hyperparameters.negative_source", f"must be one of {list(NEGATIVE_SOURCES)}, got "
                         f"{source!r}", "pass --set negative_source=text or --set negative_source=refinement")
+    anchor_text = hp.get("anchor_text")
+    if anchor_text is not None and (not isinstance(anchor_text, str) or not anchor_text.strip()
+                                    or len(anchor_text) > MAX_ANCHOR_TEXT):
+        raise PackError(where, "hyperparameters.anchor_text", f"must be non-empty text of at most {MAX_ANCHOR_TEXT} "
+                        f"characters, got {anchor_text!r}",
+                        'pass --set anchor_text="with a plain fill" (words naming what to draw instead), or drop it')
     names = set(pack.tensors)
     if not set(_TENSORS) <= names <= set(_TENSORS + _OPTIONAL_TENSORS):
         raise PackError(where, "tensors", f"expected tensors {sorted(_TENSORS)} (+ optional "
@@ -190,6 +204,8 @@ class CGCEClassifier:
     #: the anchor's twin, pushed above ``anchor_target_logit`` on flagged rows, or None (no anchor)
     anchor_twin: TorchTwin | None = None
     anchor_target_logit: float = float("inf")
+    #: words appended to a flagged text prompt before refinement (``anchor_text``), or None
+    anchor_text: str | None = None
 
     @classmethod
     def from_pack(cls, pack: ConceptPack) -> CGCEClassifier:
@@ -221,6 +237,7 @@ class CGCEClassifier:
             and hp.get("negative_source", "text") == "refinement",
             anchor_twin=anchor,
             anchor_target_logit=float(hp["anchor_target_logit"]) if anchor is not None else float("inf"),
+            anchor_text=hp.get("anchor_text"),
         )
 
     def scores(self, embeds: torch.Tensor) -> np.ndarray:

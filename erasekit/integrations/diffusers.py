@@ -228,6 +228,10 @@ class CallReport:
     irece_gate: dict[str, list[list[float]]] = field(default_factory=dict)  # concept -> per decision step, logit margin
     irece_latched: dict[str, list[int]] = field(default_factory=dict)  # concept -> images the gate latched
     negative_guided: list[int] = field(default_factory=list)  # uncond rows given a concept's negative embedding
+    #: concept -> conditioning rows re-encoded as ``prompt + anchor_text`` before refinement
+    anchored: dict[str, list[int]] = field(default_factory=dict)
+    #: concepts whose ``anchor_text`` could not apply (no prompt text: ``prompt_embeds`` or ``erasing()``)
+    anchor_text_skipped: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -263,6 +267,11 @@ class _CallState:
         #: images in a pipeline call's batch (set by ``DiffusersGuard.__call__``; None in ``erasing()`` blocks,
         #: where the batch layout is the caller's): CGCE negative guidance needs the [uncond, cond] split
         self.call_images: int | None = None
+        #: the call's text prompts per image row (``prompt``, and ``prompt_2``/``prompt_3`` where given), for
+        #: ``anchor_text``; empty when the call gave no text
+        self.prompt_rows: dict[str, list[str]] = {}
+        #: the call's options that shape ``encode_prompt``'s output (``clip_skip``, ``max_sequence_length``)
+        self.encode_kwargs: dict[str, Any] = {}
 
     def active(self) -> frozenset[str]:
         if self.broadcast is not None:
@@ -446,6 +455,35 @@ _CAPTURE_PROCESSORS = {"unet": _CaptureProcessor, "sd3": _JointCaptureProcessor,
 
 
 # ---------------------------------------------------------------------------- the guard
+#: pipeline-call options that change what ``encode_prompt`` returns, passed on when ``anchor_text`` re-encodes
+_ENCODE_OPTIONS = ("clip_skip", "max_sequence_length")
+
+
+def _prompt_rows(args: tuple, kwargs: dict, num_prompts: int | None, images_per_prompt: int) -> dict[str, list[str]]:
+    """The call's text prompts (``prompt`` and, where given, ``prompt_2``/``prompt_3``) per image row."""
+    prompt = kwargs.get("prompt", args[0] if args else None)
+    if not num_prompts or not (isinstance(prompt, str) or (isinstance(prompt, list)
+                                                              and all(isinstance(p, str) for p in prompt))):
+        return {}
+    fields = {"prompt": prompt}
+    for key in ("prompt_2", "prompt_3"):
+        value = kwargs.get(key)
+        if isinstance(value, str) or (isinstance(value, list) and len(value) == num_prompts):
+            fields[key] = value
+    rows = {}
+    for key, value in fields.items():
+        texts = [value] * num_prompts if isinstance(value, str) else list(value)
+        rows[key] = [t for t in texts for _ in range(images_per_prompt)]
+    return rows
+
+
+def _append(prompt: str, texts: list[str]) -> str:
+    """``prompt`` followed by each anchor text; a space goes in unless the text starts with punctuation."""
+    for text in texts:
+        prompt = prompt + (text if text[:1] in " ,.;:" else " " + text)
+    return prompt
+
+
 class DiffusersGuard:
     """A diffusers pipeline with concept erasure, called exactly like the pipeline.
 
@@ -714,6 +752,8 @@ class DiffusersGuard:
         n_images = kwargs.get("num_images_per_prompt", 1) or 1
         state = _CallState(per_prompt, broadcast, int(n_images) if per_prompt is not None else 1)
         state.call_images = num_prompts * int(n_images) if num_prompts else None
+        state.prompt_rows = _prompt_rows(args, kwargs, num_prompts, int(n_images))
+        state.encode_kwargs = {k: kwargs[k] for k in _ENCODE_OPTIONS if kwargs.get(k) is not None}
         with self._push(state):
             if self._irece and state.active() & set(self._irece):
                 kwargs = self._with_irece_callback(state, kwargs)
@@ -745,6 +785,7 @@ class DiffusersGuard:
         anchors: list[bool] = []  # per twin: True for a concept's anchor (pushed above its target)
         negatives: list[tuple[torch.Tensor, torch.Tensor]] = []  # (negative embedding [T, D], flagged rows)
         from_refinement: torch.Tensor | None = None  # rows whose uncond gets the refinement's displacement
+        anchor_texts: list[tuple[str, str, torch.Tensor]] = []  # (concept, anchor_text, flagged rows)
         for name in sorted(active):
             clf = self._classifiers[name]
             if embeds.ndim != 3 or tuple(embeds.shape[1:]) != (clf.seq_len, clf.embed_dim):
@@ -779,20 +820,80 @@ class DiffusersGuard:
                     negatives.append((clf.negative_embedding, flagged))
                 if clf.negative_from_refinement:
                     from_refinement = flagged if from_refinement is None else from_refinement | flagged
-        out, refined = embeds, False
+                if clf.anchor_text:
+                    anchor_texts.append((name, clf.anchor_text, flagged))
+        start = self._anchor_text(state, embeds, anchor_texts) if anchor_texts else embeds
+        out, refined = start, False
         if twins:
-            result = refine(embeds, twins, torch.stack(rows), etas=etas, max_steps=steps, target_logits=targets,
+            result = refine(start, twins, torch.stack(rows), etas=etas, max_steps=steps, target_logits=targets,
                             anchors=anchors if any(anchors) else None)
             out, refined = result.embeds, result.steps > 0
             state.report.refine_steps = max(state.report.refine_steps, result.steps)
         if negatives:
             out = self._negative_guidance(state, out, negatives)
         if from_refinement is not None and refined:  # max_steps=0: nothing removed, nothing to guide by
-            out = self._refinement_negative(state, embeds, out, from_refinement)
+            out = self._refinement_negative(state, start, out, from_refinement)
         if len(state.cache) >= _CACHE_ENTRIES:  # long erasing() blocks (an attacker's training loop)
             state.cache.pop(next(iter(state.cache)))
         state.cache[key] = (embeds, out)
         return out
+
+    def _anchor_text(self, state: _CallState, embeds: torch.Tensor,
+                     anchors: list[tuple[str, str, torch.Tensor]]) -> torch.Tensor:
+        """``embeds`` with each flagged conditional row re-encoded as its prompt plus the anchor texts.
+
+        Only rows that map onto the call's text prompts change: the conditional half under CFG, every
+        row without it. A row flagged for several anchored concepts gets all their texts, in concept
+        order. Unconditional rows (a negative prompt naming the concept) are left to refinement.
+        """
+        if not state.prompt_rows or not state.call_images:
+            state.report.anchor_text_skipped = sorted({name for name, _, _ in anchors})
+            return embeds
+        images = state.call_images
+        cfg = self._cfg_images(state, embeds)
+        if cfg is None and embeds.shape[0] != images:
+            state.report.anchor_text_skipped = sorted({name for name, _, _ in anchors})
+            return embeds
+        offset = images if cfg is not None else 0
+        texts: dict[int, list[str]] = {}
+        for name, text, flagged in anchors:
+            rows = torch.nonzero(flagged[offset:offset + images]).flatten().tolist()
+            for row in rows:
+                if text not in texts.setdefault(row, []):
+                    texts[row].append(text)
+            if rows:
+                state.report.anchored[name] = [offset + r for r in rows]
+        if not texts:
+            return embeds
+        rows = sorted(texts)
+        fields = {key: [_append(prompts[r], texts[r]) for r in rows] for key, prompts in state.prompt_rows.items()}
+        encoded = self._encode_prompts(state, fields, embeds)
+        out = embeds.clone()
+        out[torch.tensor(rows, device=embeds.device) + offset] = encoded
+        return out
+
+    def _encode_prompts(self, state: _CallState, fields: dict[str, list[str]], like: torch.Tensor) -> torch.Tensor:
+        """The pipeline's own conditioning for ``fields`` (``prompt``, ``prompt_2``, ...), one row each, no CFG."""
+        encode = getattr(self.pipe, "encode_prompt", None)
+        if encode is None:
+            raise ErasekitError("anchor_text", None, f"{type(self.pipe).__name__} has no encode_prompt to "
+                                "re-encode flagged prompts with", "drop anchor_text from the CGCE pack for this pipeline")
+        params = inspect.signature(encode).parameters
+        kwargs: dict[str, Any] = {k: v for k, v in fields.items() if k in params}
+        for key in ("prompt_2", "prompt_3"):  # some pipelines require them; None = "same as prompt"
+            if key in params and key not in kwargs:
+                kwargs[key] = None
+        optional = {"device": like.device, "num_images_per_prompt": 1, "num_videos_per_prompt": 1,
+                    "do_classifier_free_guidance": False, **state.encode_kwargs}
+        kwargs.update({k: v for k, v in optional.items() if k in params})
+        with torch.no_grad():
+            result = encode(**kwargs)
+        encoded = result[0] if isinstance(result, tuple) else result
+        if tuple(encoded.shape[1:]) != tuple(like.shape[1:]):
+            raise ErasekitError("anchor_text", None, f"re-encoded prompts have shape {list(encoded.shape)} but the "
+                                f"pipeline conditions on {list(like.shape)}",
+                                "call the pipeline with prompt= and its default encoding options, or drop anchor_text")
+        return encoded.to(like.device, like.dtype)
 
     def _cfg_images(self, state: _CallState, out: torch.Tensor) -> int | None:
         """Images of a pipeline call whose conditioning ``out`` is CFG's ``[uncond, cond]`` batch, else None
