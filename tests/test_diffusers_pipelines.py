@@ -184,3 +184,23 @@ def test_irece_on_unet_pipelines_and_refused_elsewhere(family):
     with guard(pipe, [irece_pack]) as g:
         out = _run(lambda *a, **k: g(*a, erase=[["red"], []], **k), [RED, BLUE], kwargs)
     assert not torch.equal(out[0], baseline[0]) and torch.equal(out[1], baseline[1])
+
+
+def test_anchor_text_reencodes_flagged_prompts_on_every_family(family):
+    """``anchor_text`` goes through each pipeline's own ``encode_prompt`` (SDXL: two encoders; SD3: three,
+    with the call's ``max_sequence_length``; CogVideoX: T5): the flagged image changes, the benign one does not."""
+    import dataclasses
+
+    name, pipe, pack, kwargs = family
+    anchored = dataclasses.replace(pack, hyperparameters={**pack.hyperparameters, "anchor_text": "green"}, source=None)
+    anchored.validate()
+    baseline = _run(pipe, [RED, BLUE], kwargs)
+    with guard(pipe, [pack]) as g:
+        plain = _run(lambda *a, **k: g(*a, erase=["red"], **k), [RED, BLUE], kwargs)
+    with guard(pipe, [anchored]) as g:
+        out = _run(lambda *a, **k: g(*a, erase=["red"], **k), [RED, BLUE], kwargs)
+        report = g.last_report
+    assert report.anchored == {"red": [2]} and not report.anchor_text_skipped
+    assert not torch.equal(out[0], plain[0])
+    assert torch.equal(out[1], baseline[1])
+

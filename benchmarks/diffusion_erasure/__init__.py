@@ -85,9 +85,14 @@ def tuned_cgce_hyperparameters() -> dict[str, Any]:
 
 
 def calibrate_packs(world: World, concepts: list[str], n_prompts: int, irece_hp: dict[str, Any] | None,
-                    cache: Path | None = None, cgce_hp: dict[str, Any] | None = None
+                    cache: Path | None = None, cgce_hp: dict[str, Any] | None = None, anchor_text: bool = False
                     ) -> dict[str, dict[str, ConceptPack]]:
-    """``{concept: {"cgce": pack, "irece": pack}}`` calibrated on training prompts (cached on disk)."""
+    """``{concept: {"cgce": pack, "irece": pack}}`` calibrated on training prompts (cached on disk).
+
+    ``anchor_text``: CGCE packs of concepts whose family has a neutral value get it as ``anchor_text``
+    (:meth:`World.anchor_text`: "with a plain fill" for stripes and dots; adopted in
+    ``results/cgce_anchor_text/DECISION.md``). Shapes and colours get none.
+    """
     out: dict[str, dict[str, ConceptPack]] = {}
     for c in concepts:
         concept = Concept(c, forget=world.train_prompts(c, n_prompts, seed=1),
@@ -103,6 +108,8 @@ def calibrate_packs(world: World, concepts: list[str], n_prompts: int, irece_hp:
             cg = add_negative_embedding(world.pipe, cg)  # packs cached before the tensor existed
         if cgce_hp:
             cg = with_hyperparameters(cg, **cgce_hp)
+        if anchor_text and world.anchor_text(c):
+            cg = with_hyperparameters(cg, anchor_text=world.anchor_text(c))
         ir = calibrate_irece(world.pipe, irece_concept(world, concept, irece_hp), call_kwargs=world_call_kwargs(world),
                              **dict(irece_hp or {}))
         out[c] = {"cgce": cg, "irece": ir}

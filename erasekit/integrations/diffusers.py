@@ -899,9 +899,12 @@ class DiffusersGuard:
         """Images of a pipeline call whose conditioning ``out`` is CFG's ``[uncond, cond]`` batch, else None
         (guidance scale <= 1, or an ``erasing()`` block, where the batch layout is the caller's)."""
         images = state.call_images
-        if not images or out.shape[0] != 2 * images or not getattr(self.pipe, "do_classifier_free_guidance", False):
+        if not images or out.shape[0] != 2 * images:
             return None
-        return images
+        cfg = getattr(self.pipe, "do_classifier_free_guidance", None)
+        if cfg is None:  # CogVideoX decides CFG in a local variable: guidance_scale > 1, as there
+            cfg = float(getattr(self.pipe, "_guidance_scale", None) or 0.0) > 1.0
+        return images if cfg else None
 
     def _negative_guidance(self, state: _CallState, out: torch.Tensor,
                            negatives: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

@@ -28,6 +28,7 @@ __all__ = [
     "render_many",
     "training_caption_for",
     "training_synonyms",
+    "neutral_anchor_text",
     "sample_scenes",
     "caption",
     "heldout_caption",
@@ -300,6 +301,20 @@ def training_synonyms(concept: str) -> list[str]:
     if concept in _TRAIN_STYLE:
         return [text for text, _prefix in _TRAIN_STYLE[concept]]
     raise KeyError(f"unknown concept {concept!r}; known: {sorted(all_concepts())}")
+
+
+#: each family's neutral value, where it has one: what "erase this concept" can name instead
+_NEUTRAL = {"style": "plain"}
+
+
+def neutral_anchor_text(concept: str) -> str | None:
+    """Words naming the neutral value of ``concept``'s family, in a form a prompt can end with (a TRAINING
+    phrasing: "with a plain fill" for a style), for CGCE's ``anchor_text``; None when the family has no
+    neutral value (a shape or colour has only siblings) or ``concept`` is that value."""
+    neutral = _NEUTRAL.get(family_of(concept))
+    if neutral is None or neutral == concept:
+        return None
+    return next(text for text, prefix in _TRAIN_STYLE[neutral] if not prefix)
 
 
 def caption(mention: dict[str, str], rng: np.random.Generator, canonical: bool = False) -> str:

@@ -27,6 +27,7 @@ from erasekit.testing.diffusion_world.scenes import (
     caption,
     family_of,
     heldout_caption,
+    neutral_anchor_text,
     render_many,
     sample_scenes,
     training_synonyms,
@@ -94,6 +95,12 @@ class World:
         """The concept's training-vocabulary phrasings (allowed for calibration, e.g. as CGCE keywords)."""
         _check_concept(concept, "World.train_synonyms")
         return training_synonyms(concept)
+
+    def anchor_text(self, concept: str) -> str | None:
+        """What a guard may name instead of ``concept`` (CGCE ``anchor_text``): the family's neutral value in
+        training words, or None (see :func:`~erasekit.testing.diffusion_world.scenes.neutral_anchor_text`)."""
+        _check_concept(concept, "World.anchor_text")
+        return neutral_anchor_text(concept)
 
     def direct_specs(self, concept: str, n: int, seed: int) -> list[PromptSpec]:
         """The plainest prompts: training templates with the concept's own name ("a photo of a circle")."""

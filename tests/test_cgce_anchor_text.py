@@ -1,0 +1,114 @@
+"""CGCE ``anchor_text`` on a tiny random SD pipeline: a flagged prompt is re-encoded with the words
+naming what to draw instead, then refined; benign rows, ``prompt_embeds`` calls and bad packs behave."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from erasekit.errors import ErasekitError, PackError
+from erasekit.integrations.diffusers import _append, guard
+from erasekit.integrations.diffusers_calibrate import calibrate_cgce
+from erasekit.testing import build_tiny_sd_pipeline
+from erasekit.testing.diffusion_world.scenes import neutral_anchor_text
+from tests._irece import red_concept
+from tests.test_diffusers_guard import BLUE, KW, RED, _gen, _with
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_tiny_sd_pipeline(0)
+
+
+@pytest.fixture(scope="module")
+def pack(pipe):
+    return calibrate_cgce(pipe, red_concept())
+
+
+def _encode(pipe, prompts):
+    return pipe.encode_prompt(prompts, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)[0]
+
+
+def _run(pipe, pack, prompts, **kwargs):
+    """Images, the conditioning the first cross-attention received, and the guard's report."""
+    seen: list[torch.Tensor] = []
+    attn = next(m for n, m in pipe.unet.named_modules() if n.endswith("attn2"))
+    handle = attn.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["encoder_hidden_states"].clone()) if not seen else None, with_kwargs=True)
+    try:
+        with guard(pipe, [pack]) as g:
+            images = g(prompts, generator=_gen(), erase=["red"], **{**KW, **kwargs}).images
+            report = g.last_report
+    finally:
+        handle.remove()
+    return images, seen[0], report
+
+
+def test_flagged_row_starts_from_prompt_plus_anchor_text(pipe, pack):
+    # max_steps=0: no refinement, so the conditioning is exactly where refinement would start
+    _, cond, report = _run(pipe, _with(pack, anchor_text="green", max_steps=0), [RED, BLUE])
+    assert report.flagged["red"] == [2] and report.anchored == {"red": [2]} and not report.anchor_text_skipped
+    assert torch.equal(cond[2], _encode(pipe, [RED + " green"])[0])
+    unguarded = _encode(pipe, [RED, BLUE])
+    assert torch.equal(cond[3], unguarded[1])  # the benign prompt's row is untouched
+    assert torch.equal(cond[0], cond[1])  # unconditional rows (empty prompt) are untouched
+
+
+def test_anchor_text_changes_the_flagged_image_only(pipe, pack):
+    baseline = pipe([RED, BLUE], generator=_gen(), **KW).images
+    plain, _, _ = _run(pipe, pack, [RED, BLUE])
+    anchored, _, report = _run(pipe, _with(pack, anchor_text="green"), [RED, BLUE])
+    assert report.anchored == {"red": [2]} and report.refine_steps > 0
+    assert not torch.equal(anchored[0], plain[0])
+    assert torch.equal(anchored[1], baseline[1]) and torch.equal(plain[1], baseline[1])
+    benign, _, report = _run(pipe, _with(pack, anchor_text="green"), [BLUE, BLUE])
+    assert report.anchored == {} and torch.equal(benign, pipe([BLUE, BLUE], generator=_gen(), **KW).images)
+
+
+def test_images_per_prompt_map_rows_onto_their_prompt(pipe, pack):
+    _, cond, report = _run(pipe, _with(pack, anchor_text="green", max_steps=0), [BLUE, RED], num_images_per_prompt=2)
+    assert report.anchored == {"red": [6, 7]}  # CFG rows: 4 uncond, then BLUE, BLUE, RED, RED
+    expected = _encode(pipe, [RED + " green"])[0]
+    assert torch.equal(cond[6], expected) and torch.equal(cond[7], expected)
+
+
+def test_prompt_embeds_call_is_refined_without_anchor_text_and_says_so(pipe, pack):
+    embeds, negative = pipe.encode_prompt([RED, BLUE], "cpu", 1, True)
+    kwargs = {"prompt_embeds": embeds, "negative_prompt_embeds": negative}
+    with guard(pipe, [pack]) as g:
+        plain = g(generator=_gen(), erase=["red"], **kwargs, **KW).images
+    with guard(pipe, [_with(pack, anchor_text="green")]) as g:
+        out = g(generator=_gen(), erase=["red"], **kwargs, **KW).images
+        report = g.last_report
+    assert report.anchor_text_skipped == ["red"] and report.anchored == {}
+    assert torch.equal(out, plain)
+
+
+@pytest.mark.parametrize("value", [123, "", "   ", "x" * 301, ["green"]])
+def test_bad_anchor_text_refused_naming_the_field(pack, value):
+    with pytest.raises(PackError, match="hyperparameters.anchor_text"):
+        _with(pack, anchor_text=value)
+
+
+def test_calibration_accepts_anchor_text_and_the_pack_round_trips(tmp_path, pipe):
+    pack = calibrate_cgce(pipe, red_concept(), anchor_text="green")
+    assert pack.hyperparameters["anchor_text"] == "green"
+    from erasekit.guardrails.pack import ConceptPack
+
+    assert ConceptPack.from_pretrained(pack.save_pretrained(tmp_path / "red")).hyperparameters["anchor_text"] == "green"
+    with pytest.raises(ErasekitError, match="anchor_txt"):
+        calibrate_cgce(pipe, red_concept(), anchor_txt="green")
+
+
+def test_append_spaces_words_but_not_punctuation():
+    assert _append("a cat", ["wearing a hat"]) == "a cat wearing a hat"
+    assert _append("a person", [", fully clothed", "smiling"]) == "a person, fully clothed smiling"
+    assert _append("a dot", [" with a plain fill"]) == "a dot with a plain fill"
+
+
+def test_world_names_a_neutral_value_only_where_its_family_has_one():
+    assert neutral_anchor_text("dots") == neutral_anchor_text("stripes") == "with a plain fill"
+    assert neutral_anchor_text("plain") is None  # the neutral value itself
+    assert neutral_anchor_text("circle") is None and neutral_anchor_text("red") is None
+    with pytest.raises(KeyError, match="unknown world concept"):
+        neutral_anchor_text("zebra")
