@@ -48,6 +48,20 @@ def test_calibrate_info_and_guard(saved_pipe, method, capsys):
           generator=torch.Generator().manual_seed(0))
 
 
+def test_calibrate_cgce_with_anchor_text(saved_pipe, capsys):
+    root, pipe = saved_pipe
+    out = root / "pack-anchor-text"
+    assert main(_calibrate_args(root, "cgce", out, "--set", "anchor_text=, in green")) == 0
+    pack = ConceptPack.from_pretrained(out)
+    assert pack.hyperparameters["anchor_text"] == ", in green"
+    with guard(pipe, [pack]) as g:
+        g(["a red star", "a blue star"], erase=["red"], num_inference_steps=1, height=32, width=32,
+          output_type="pt", generator=torch.Generator().manual_seed(0))
+        assert g.last_report.anchored == {"red": [2]}
+    code = main(_calibrate_args(root, "cgce", root / "bad-anchor-text", "--set", "anchor_text=7"))
+    assert code == 2 and "anchor_text" in capsys.readouterr().err and not (root / "bad-anchor-text").exists()
+
+
 def test_calibrate_rejects_unknown_hyperparameter(saved_pipe, capsys):
     root, _ = saved_pipe
     code = main(_calibrate_args(root, "cgce", root / "bad", "--set", "learning_rate=3", keywords=False))
