@@ -19,7 +19,7 @@ from transformers import (
     T5TokenizerFast,
 )
 
-from erasekit.errors import PackError
+from erasekit.errors import ErasekitError, PackError
 from erasekit.guardrails.concept import Concept
 from erasekit.integrations.diffusers import HOOK_NAME, guard
 from erasekit.integrations.diffusers_calibrate import calibrate_cgce, calibrate_irece
@@ -204,3 +204,16 @@ def test_anchor_text_reencodes_flagged_prompts_on_every_family(family):
     assert not torch.equal(out[0], plain[0])
     assert torch.equal(out[1], baseline[1])
 
+
+
+def test_per_prompt_toggles_with_several_videos_per_prompt_refused(family):
+    """Wan repeats each prompt num_videos_per_prompt times, CogVideoX forces one: per-prompt lists would be
+    mapped onto rows by a guess, so they are refused; one list for all prompts is unambiguous."""
+    name, pipe, pack, kwargs = family
+    if name != "cogvideox":
+        pytest.skip("num_videos_per_prompt is a video pipeline's")
+    with guard(pipe, [pack]) as g:
+        with pytest.raises(ErasekitError, match="num_videos_per_prompt"):
+            g([RED, BLUE], erase=[["red"], []], num_videos_per_prompt=2, **kwargs)
+        g([RED, BLUE], generator=torch.Generator().manual_seed(0), erase=["red"], num_videos_per_prompt=2, **kwargs)
+        assert g.last_report.flagged["red"] == [2]

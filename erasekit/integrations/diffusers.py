@@ -750,6 +750,12 @@ class DiffusersGuard:
         num_prompts = self._num_prompts(args, kwargs)
         per_prompt, broadcast = self._resolve(erase, num_prompts)
         n_images = kwargs.get("num_images_per_prompt", 1) or 1
+        if (kwargs.get("num_videos_per_prompt") or 1) > 1 and per_prompt is not None and len(set(per_prompt)) > 1:
+            # Some video pipelines repeat each prompt num_videos_per_prompt times (Wan), others force it
+            # to 1 (CogVideoX, AnimateDiff): the rows of one prompt cannot be told apart from here.
+            raise ErasekitError("erase", None, "per-prompt erase lists with num_videos_per_prompt > 1: which video "
+                                "rows belong to which prompt depends on the pipeline",
+                                "pass one erase list for all prompts, or call once per prompt")
         state = _CallState(per_prompt, broadcast, int(n_images) if per_prompt is not None else 1)
         state.call_images = num_prompts * int(n_images) if num_prompts else None
         state.prompt_rows = _prompt_rows(args, kwargs, num_prompts, int(n_images))
