@@ -3,6 +3,8 @@ naming what to draw instead, then refined; benign rows, ``prompt_embeds`` calls 
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -48,7 +50,7 @@ def test_flagged_row_starts_from_prompt_plus_anchor_text(pipe, pack):
     # max_steps=0: no refinement, so the conditioning is exactly where refinement would start
     _, cond, report = _run(pipe, _with(pack, anchor_text="green", max_steps=0), [RED, BLUE])
     assert report.flagged["red"] == [2] and report.anchored == {"red": [2]} and not report.anchor_text_skipped
-    assert torch.equal(cond[2], _encode(pipe, [RED + " green"])[0])
+    assert torch.equal(cond[2], _encode(pipe, [RED + " green", BLUE])[0])  # the call's prompts, one batch
     unguarded = _encode(pipe, [RED, BLUE])
     assert torch.equal(cond[3], unguarded[1])  # the benign prompt's row is untouched
     assert torch.equal(cond[0], cond[1])  # unconditional rows (empty prompt) are untouched
@@ -68,8 +70,28 @@ def test_anchor_text_changes_the_flagged_image_only(pipe, pack):
 def test_images_per_prompt_map_rows_onto_their_prompt(pipe, pack):
     _, cond, report = _run(pipe, _with(pack, anchor_text="green", max_steps=0), [BLUE, RED], num_images_per_prompt=2)
     assert report.anchored == {"red": [6, 7]}  # CFG rows: 4 uncond, then BLUE, BLUE, RED, RED
-    expected = _encode(pipe, [RED + " green"])[0]
+    expected = _encode(pipe, [BLUE, BLUE, RED + " green", RED + " green"])[2]
     assert torch.equal(cond[6], expected) and torch.equal(cond[7], expected)
+
+
+def test_anchored_row_does_not_depend_on_which_neighbours_are_flagged(pipe, pack):
+    other = "a red heart on a black background"
+    anchored = _with(pack, anchor_text="green", max_steps=0)
+    with guard(pipe, [anchored]) as g:
+        rows = []
+        for erase in ([["red"], ["red"]], [["red"], []]):
+            seen: list[torch.Tensor] = []
+            attn = next(m for n, m in pipe.unet.named_modules() if n.endswith("attn2"))
+            handle = attn.register_forward_pre_hook(
+                lambda m, a, k, seen=seen: seen.append(k["encoder_hidden_states"].clone()) if not seen else None,
+                with_kwargs=True)
+            try:
+                g([RED, other], generator=_gen(), erase=erase, **KW)
+            finally:
+                handle.remove()
+            rows.append((seen[0][2], g.last_report.anchored["red"]))
+    assert rows[0][1] == [2, 3] and rows[1][1] == [2]
+    assert torch.equal(rows[0][0], rows[1][0])
 
 
 def test_prompt_embeds_call_is_refined_without_anchor_text_and_says_so(pipe, pack):
@@ -112,3 +134,25 @@ def test_world_names_a_neutral_value_only_where_its_family_has_one():
     assert neutral_anchor_text("circle") is None and neutral_anchor_text("red") is None
     with pytest.raises(KeyError, match="unknown world concept"):
         neutral_anchor_text("zebra")
+
+
+def test_call_encoding_options_reach_the_re_encoding(pipe, pack, monkeypatch):
+    """The LoRA ``scale`` (like ``clip_skip``) changes what ``encode_prompt`` returns: the re-encoding gets it too.
+    (Neither can run for real here: diffusers' SD clip-skip and non-PEFT LoRA paths read
+    ``text_encoder.text_model``, which transformers 5's ``CLIPTextModel`` no longer has, guarded or not;
+    the spy records what the guard passes and drops the scale.)"""
+    seen: list[dict] = []
+    original = pipe.encode_prompt
+
+    @functools.wraps(original)  # the guard reads encode_prompt's signature
+    def spy(*args, **kwargs):
+        seen.append(dict(kwargs))
+        kwargs.pop("lora_scale", None)  # diffusers' non-PEFT LoRA scaling needs text_model too (see above)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipe, "encode_prompt", spy)
+    _, _, report = _run(pipe, _with(pack, anchor_text="green"), [RED, BLUE], cross_attention_kwargs={"scale": 0.5})
+    anchored = [k for k in seen if k.get("prompt") == [RED + " green", BLUE]]
+    assert report.anchored == {"red": [2]} and len(anchored) == 1
+    assert anchored[0]["lora_scale"] == 0.5 and "clip_skip" not in anchored[0]
+    assert anchored[0]["do_classifier_free_guidance"] is False and anchored[0]["num_images_per_prompt"] == 1

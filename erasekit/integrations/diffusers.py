@@ -270,7 +270,8 @@ class _CallState:
         #: the call's text prompts per image row (``prompt``, and ``prompt_2``/``prompt_3`` where given), for
         #: ``anchor_text``; empty when the call gave no text
         self.prompt_rows: dict[str, list[str]] = {}
-        #: the call's options that shape ``encode_prompt``'s output (``clip_skip``, ``max_sequence_length``)
+        #: the call's options that shape ``encode_prompt``'s output (``clip_skip``, ``max_sequence_length``,
+        #: ``lora_scale``)
         self.encode_kwargs: dict[str, Any] = {}
 
     def active(self) -> frozenset[str]:
@@ -457,6 +458,8 @@ _CAPTURE_PROCESSORS = {"unet": _CaptureProcessor, "sd3": _JointCaptureProcessor,
 # ---------------------------------------------------------------------------- the guard
 #: pipeline-call options that change what ``encode_prompt`` returns, passed on when ``anchor_text`` re-encodes
 _ENCODE_OPTIONS = ("clip_skip", "max_sequence_length")
+#: call options whose ``scale`` is the LoRA scale a pipeline hands to ``encode_prompt`` (``lora_scale``)
+_ATTENTION_KWARGS = ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs")
 
 
 def _prompt_rows(args: tuple, kwargs: dict, num_prompts: int | None, images_per_prompt: int) -> dict[str, list[str]]:
@@ -760,6 +763,9 @@ class DiffusersGuard:
         state.call_images = num_prompts * int(n_images) if num_prompts else None
         state.prompt_rows = _prompt_rows(args, kwargs, num_prompts, int(n_images))
         state.encode_kwargs = {k: kwargs[k] for k in _ENCODE_OPTIONS if kwargs.get(k) is not None}
+        lora = next((kwargs[k] for k in _ATTENTION_KWARGS if isinstance(kwargs.get(k), dict)), {}).get("scale")
+        if lora is not None:  # the pipeline scales text-encoder LoRA layers by it when it encodes
+            state.encode_kwargs["lora_scale"] = lora
         with self._push(state):
             if self._irece and state.active() & set(self._irece):
                 kwargs = self._with_irece_callback(state, kwargs)
@@ -848,6 +854,9 @@ class DiffusersGuard:
                      anchors: list[tuple[str, str, torch.Tensor]]) -> torch.Tensor:
         """``embeds`` with each flagged conditional row re-encoded as its prompt plus the anchor texts.
 
+        Costs one text-encoder pass over the call's prompts, in calls where a row is flagged for an
+        anchored concept only.
+
         Only rows that map onto the call's text prompts change: the conditional half under CFG, every
         row without it. A row flagged for several anchored concepts gets all their texts, in concept
         order. Unconditional rows (a negative prompt naming the concept) are left to refinement.
@@ -871,11 +880,15 @@ class DiffusersGuard:
                 state.report.anchored[name] = [offset + r for r in rows]
         if not texts:
             return embeds
-        rows = sorted(texts)
-        fields = {key: [_append(prompts[r], texts[r]) for r in rows] for key, prompts in state.prompt_rows.items()}
+        # Every prompt row of the call is re-encoded (flagged ones with their anchor texts), so a flagged
+        # row's conditioning does not depend on how many neighbours were flagged (matmul results can
+        # change with the batch size); only the flagged rows are used.
+        fields = {key: [_append(p, texts.get(r, [])) for r, p in enumerate(prompts)]
+                  for key, prompts in state.prompt_rows.items()}
         encoded = self._encode_prompts(state, fields, embeds)
+        rows = sorted(texts)
         out = embeds.clone()
-        out[torch.tensor(rows, device=embeds.device) + offset] = encoded
+        out[torch.tensor(rows, device=embeds.device) + offset] = encoded[rows]
         return out
 
     def _encode_prompts(self, state: _CallState, fields: dict[str, list[str]], like: torch.Tensor) -> torch.Tensor:
