@@ -854,12 +854,11 @@ class DiffusersGuard:
                      anchors: list[tuple[str, str, torch.Tensor]]) -> torch.Tensor:
         """``embeds`` with each flagged conditional row re-encoded as its prompt plus the anchor texts.
 
-        Costs one text-encoder pass over the call's prompts, in calls where a row is flagged for an
-        anchored concept only.
-
         Only rows that map onto the call's text prompts change: the conditional half under CFG, every
         row without it. A row flagged for several anchored concepts gets all their texts, in concept
         order. Unconditional rows (a negative prompt naming the concept) are left to refinement.
+        Costs one text-encoder pass over the call's prompts, only in calls where a row is flagged for
+        an anchored concept.
         """
         if not state.prompt_rows or not state.call_images:
             state.report.anchor_text_skipped = sorted({name for name, _, _ in anchors})
