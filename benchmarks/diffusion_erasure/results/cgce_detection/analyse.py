@@ -1,3 +1,4 @@
+# ruff: noqa
 """Summaries from res_*.json: recall@0.5 and recall at the lowest threshold with 0 benign FP and
 ret2 FP <= baseline's (per concept, a diagnostic using eval negatives), plus failing paraphrases."""
 import sys, json, numpy as np

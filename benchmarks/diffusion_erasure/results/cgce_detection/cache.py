@@ -1,3 +1,4 @@
+# ruff: noqa
 """Encode all prompt sets for the 10 DEV concepts once; saves .npy (no pickle) + json prompt lists."""
 import sys, json, time
 import numpy as np, torch

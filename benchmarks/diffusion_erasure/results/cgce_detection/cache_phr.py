@@ -1,3 +1,4 @@
+# ruff: noqa
 """Full [K,24,384] encodings + attention masks of each DEV concept's training synonyms (for sentence-level features)."""
 import json, numpy as np, torch
 torch.set_num_threads(1)

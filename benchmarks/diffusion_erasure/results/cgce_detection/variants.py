@@ -1,3 +1,4 @@
+# ruff: noqa
 """Generic CGCE-detector variants on the 10 DEV concepts (cached encodings from cache.py).
 
 Usage: PYTHONPATH=. OMP_NUM_THREADS=1 .venv/bin/python benchmarks/diffusion_erasure/results/cgce_detection/variants.py VARIANT[,VARIANT...] [concepts]
