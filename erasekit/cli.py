@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="cgce with --anchor-prompts: prompts WITHOUT the anchor (default: --retain minus the anchor "
                           "prompts); pass it when --retain names the anchor in other words")
     cal.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a method hyperparameter (JSON value), repeatable")
+                     help="override a method hyperparameter (JSON value), repeatable; e.g. for cgce "
+                          "--set anchor_text='with a plain fill' (words flagged prompts are re-encoded with)")
     cal.add_argument("--call", action="append", default=[], metavar="KEY=VALUE",
                      help="diffusion (cgce/irece): a pipeline-call argument (JSON scalar) to calibrate under, "
                           "as the pipeline will be served, e.g. --call num_frames=49; repeatable")
