@@ -9,11 +9,10 @@ import torch
 from erasekit.classifiers.cgce import CGCEClassifier
 from erasekit.guardrails.concept import Concept
 from erasekit.guardrails.pack import ConceptPack
-from erasekit.integrations.diffusers import guard
 from erasekit.integrations.diffusers_calibrate import calibrate_cgce, encode_conditioning
 from erasekit.testing import build_tiny_sd_pipeline
 from tests._irece import red_concept
-from tests.test_diffusers_guard import BLUE, KW, RED, SHAPES, _gen, _with
+from tests.test_diffusers_guard import BLUE, RED, SHAPES, _with, guarded_first_conditioning
 
 BACKS = ("white", "black", "grey")
 
@@ -38,17 +37,7 @@ def packs(pipe, anchor):
 
 def _first_conditioning(pipe, pack, prompts, erase):
     """Images and the conditioning the first cross-attention received at the first step."""
-    seen: list[torch.Tensor] = []
-    attn = next(m for n, m in pipe.unet.named_modules() if n.endswith("attn2"))
-    handle = attn.register_forward_pre_hook(
-        lambda m, a, k: seen.append(k["encoder_hidden_states"].clone()) if not seen else None, with_kwargs=True)
-    try:
-        with guard(pipe, [pack]) as g:
-            images = g(prompts, generator=_gen(), erase=erase, **KW).images
-            report = g.last_report
-    finally:
-        handle.remove()
-    return images, seen[0], report
+    return guarded_first_conditioning(pipe, [pack], prompts, erase)
 
 
 def test_anchor_pack_stores_a_twin_that_separates_the_anchor(tmp_path, pipe, packs, anchor):

@@ -14,7 +14,15 @@ from erasekit.integrations.diffusers_calibrate import calibrate_cgce
 from erasekit.testing import build_tiny_sd_pipeline
 from erasekit.testing.diffusion_world.scenes import neutral_anchor_text
 from tests._irece import red_concept
-from tests.test_diffusers_guard import BLUE, KW, RED, _gen, _with
+from tests.test_diffusers_guard import (
+    BLUE,
+    KW,
+    RED,
+    _gen,
+    _with,
+    first_conditioning,
+    guarded_first_conditioning,
+)
 
 
 @pytest.fixture(scope="module")
@@ -33,17 +41,7 @@ def _encode(pipe, prompts):
 
 def _run(pipe, pack, prompts, **kwargs):
     """Images, the conditioning the first cross-attention received, and the guard's report."""
-    seen: list[torch.Tensor] = []
-    attn = next(m for n, m in pipe.unet.named_modules() if n.endswith("attn2"))
-    handle = attn.register_forward_pre_hook(
-        lambda m, a, k: seen.append(k["encoder_hidden_states"].clone()) if not seen else None, with_kwargs=True)
-    try:
-        with guard(pipe, [pack]) as g:
-            images = g(prompts, generator=_gen(), erase=["red"], **{**KW, **kwargs}).images
-            report = g.last_report
-    finally:
-        handle.remove()
-    return images, seen[0], report
+    return guarded_first_conditioning(pipe, [pack], prompts, ["red"], **kwargs)
 
 
 def test_flagged_row_starts_from_prompt_plus_anchor_text(pipe, pack):
@@ -80,15 +78,8 @@ def test_anchored_row_does_not_depend_on_which_neighbours_are_flagged(pipe, pack
     with guard(pipe, [anchored]) as g:
         rows = []
         for erase in ([["red"], ["red"]], [["red"], []]):
-            seen: list[torch.Tensor] = []
-            attn = next(m for n, m in pipe.unet.named_modules() if n.endswith("attn2"))
-            handle = attn.register_forward_pre_hook(
-                lambda m, a, k, seen=seen: seen.append(k["encoder_hidden_states"].clone()) if not seen else None,
-                with_kwargs=True)
-            try:
+            with first_conditioning(pipe) as seen:
                 g([RED, other], generator=_gen(), erase=erase, **KW)
-            finally:
-                handle.remove()
             rows.append((seen[0][2], g.last_report.anchored["red"]))
     assert rows[0][1] == [2, 3] and rows[1][1] == [2]
     assert torch.equal(rows[0][0], rows[1][0])

@@ -18,7 +18,16 @@ from erasekit.integrations.diffusers_calibrate import (
 )
 from erasekit.testing import build_tiny_sd_pipeline
 from tests._irece import red_concept
-from tests.test_diffusers_guard import BLUE, KW, RED, SHAPES, _gen, _with
+from tests.test_diffusers_guard import (
+    BLUE,
+    KW,
+    RED,
+    SHAPES,
+    _gen,
+    _with,
+    first_conditioning,
+    guarded_first_conditioning,
+)
 
 
 @pytest.fixture(scope="module")
@@ -33,17 +42,7 @@ def pack(pipe):
 
 def _run(pipe, packs, prompts, erase, **kw):
     """Images and the conditioning the first cross-attention really received at the first step."""
-    seen: list[torch.Tensor] = []
-    attn = next(m for n, m in pipe.unet.named_modules() if n.endswith("attn2"))
-    handle = attn.register_forward_pre_hook(
-        lambda m, a, k: seen.append(k["encoder_hidden_states"].clone()) if not seen else None, with_kwargs=True)
-    try:
-        with guard(pipe, packs) as g:
-            images = g(prompts, generator=_gen(), erase=erase, **{**KW, **kw}).images
-            report = g.last_report
-    finally:
-        handle.remove()
-    return images, seen[0], report
+    return guarded_first_conditioning(pipe, packs, prompts, erase, **kw)
 
 
 def test_pack_stores_the_concept_encoding_and_defaults_off(pipe, pack):
@@ -75,15 +74,8 @@ def test_no_cfg_and_no_erase_are_no_ops(pipe, pack):
 
 def test_user_negative_prompt_embeds_replaced_only_on_flagged_rows(pipe, pack):
     embeds, negative = pipe.encode_prompt([RED, BLUE], "cpu", 1, True, negative_prompt=["blurry", "blurry"])
-    seen = []
-    attn = next(m for n, m in pipe.unet.named_modules() if n.endswith("attn2"))
-    handle = attn.register_forward_pre_hook(
-        lambda m, a, k: seen.append(k["encoder_hidden_states"].clone()) if not seen else None, with_kwargs=True)
-    try:
-        with guard(pipe, [_with(pack, negative_guidance=True)]) as g:
-            g(prompt_embeds=embeds, negative_prompt_embeds=negative, generator=_gen(), erase=["red"], **KW)
-    finally:
-        handle.remove()
+    with first_conditioning(pipe) as seen, guard(pipe, [_with(pack, negative_guidance=True)]) as g:
+        g(prompt_embeds=embeds, negative_prompt_embeds=negative, generator=_gen(), erase=["red"], **KW)
     assert torch.equal(seen[0][0], pack.tensors["negative_embedding"])
     assert torch.equal(seen[0][1], negative[1])
 

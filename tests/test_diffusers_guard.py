@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -23,6 +25,28 @@ BLUE = "a blue heart on a grey background"
 
 def _gen() -> torch.Generator:
     return torch.Generator().manual_seed(0)
+
+
+@contextlib.contextmanager
+def first_conditioning(pipe) -> Iterator[list[torch.Tensor]]:
+    """Inside the block, the list receives the conditioning the first cross-attention saw at the first step."""
+    seen: list[torch.Tensor] = []
+    attn = next(m for n, m in pipe.unet.named_modules() if n.endswith("attn2"))
+    handle = attn.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["encoder_hidden_states"].clone()) if not seen else None, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def guarded_first_conditioning(pipe, packs, prompts, erase, **kwargs):
+    """Images, the conditioning the first cross-attention received at the first step, and the report,
+    for one guarded call (the tests' sampling settings ``KW``, overridden by ``kwargs``)."""
+    with first_conditioning(pipe) as seen, guard(pipe, packs) as g:
+        images = g(prompts, generator=_gen(), erase=erase, **{**KW, **kwargs}).images
+        report = g.last_report
+    return images, seen[0], report
 
 
 @pytest.fixture(scope="module")
