@@ -108,8 +108,8 @@ def calibrate_packs(world: World, concepts: list[str], n_prompts: int, irece_hp:
             cg = add_negative_embedding(world.pipe, cg)  # packs cached before the tensor existed
         if cgce_hp:
             cg = with_hyperparameters(cg, **cgce_hp)
-        if anchor_text and world.anchor_text(c):
-            cg = with_hyperparameters(cg, anchor_text=world.anchor_text(c))
+        if anchor_text and (text := world.anchor_text(c)):
+            cg = with_hyperparameters(cg, anchor_text=text)
         ir = calibrate_irece(world.pipe, irece_concept(world, concept, irece_hp), call_kwargs=world_call_kwargs(world),
                              **dict(irece_hp or {}))
         out[c] = {"cgce": cg, "irece": ir}

@@ -860,14 +860,11 @@ class DiffusersGuard:
         Costs one text-encoder pass over the call's prompts, only in calls where a row is flagged for
         an anchored concept.
         """
-        if not state.prompt_rows or not state.call_images:
-            state.report.anchor_text_skipped = sorted({name for name, _, _ in anchors})
-            return embeds
         images = state.call_images
         cfg = self._cfg_images(state, embeds)
-        if cfg is None and embeds.shape[0] != images:
+        if not state.prompt_rows or not images or (cfg is None and embeds.shape[0] != images):
             state.report.anchor_text_skipped = sorted({name for name, _, _ in anchors})
-            return embeds
+            return embeds  # no text for these rows (prompt_embeds, erasing()) or a batch layout of the caller's
         offset = images if cfg is not None else 0
         texts: dict[int, list[str]] = {}
         for name, text, flagged in anchors:
