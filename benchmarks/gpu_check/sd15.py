@@ -17,6 +17,7 @@ before/after (``benchmarks.gpu_check.refine_bench``).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ import torch
 from benchmarks.gpu_check.common import Section, log, paired_timing, sync
 
 CONCEPT = "red"
+#: ``anchor_text`` of the anchored variant (random weights: words only exercise the re-encode and its cost)
+ANCHOR_TEXT = "with a plain fill"
 #: the carried copy of erasekit's tokenizer cache (``.whl`` travels to the GPU machine)
 DEFAULT_TOKENIZER_DIR = Path(__file__).resolve().parents[2] / ".whl" / "clip-tokenizer-sd1"
 
@@ -147,6 +150,11 @@ def run(sec: Section, device: torch.device, quick: bool, tokenizer: str | None, 
     sec.report("cgce train accuracy", pack.hyperparameters.get("train_accuracy"))
     sec.report("conditioning shape", [pack.hyperparameters.get("seq_len"), pack.hyperparameters.get("embed_dim")])
 
+    anchored_pack = dataclasses.replace(pack, hyperparameters={**pack.hyperparameters, "anchor_text": ANCHOR_TEXT},
+                                        source=None)
+    anchored_pack.validate()
+    ga = guard(pipe, [anchored_pack])
+    ga.detach()
     g = guard(pipe, [pack])
     kw = {"num_inference_steps": steps, "height": size, "width": size, "guidance_scale": 7.5, "output_type": "np"}
     gen_device = device if device.type == "cuda" else torch.device("cpu")
@@ -178,8 +186,18 @@ def run(sec: Section, device: torch.device, quick: bool, tokenizer: str | None, 
 
                 return fn
 
+            def anchored(prompts: list[str] = direct, last: dict = last, erase: object = None) -> None:
+                g.detach()
+                ga.attach()
+                try:
+                    last["anchored_flagged"] = call(ga, prompts, erase=erase or [CONCEPT])
+                    last["anchored_flagged_report"] = ga.last_report
+                finally:
+                    ga.detach()
+                    g.attach()
+
             variants = {"unguarded": plain, "guarded_benign": guarded("guarded_benign", benign),
-                        "guarded_flagged": guarded("guarded_flagged", direct)}
+                        "guarded_flagged": guarded("guarded_flagged", direct), "anchored_flagged": anchored}
             # one untimed round: outputs for the checks, and the cost of a round for the budget
             t0 = time.perf_counter()
             plain(direct)
@@ -187,8 +205,13 @@ def run(sec: Section, device: torch.device, quick: bool, tokenizer: str | None, 
             for run_one in variants.values():
                 run_one()
             sync(device)
-            round_s = (time.perf_counter() - t0) * 3 / 4
+            round_s = (time.perf_counter() - t0) * 4 / 5
             _checks(sec, f"b{b}", last, unguarded_flagged, b)
+            _anchored_checks(sec, f"b{b}", last, unguarded_flagged, b, anchored)
+            sec.report(f"b{b}: ms inside the guard's conditioning per call (synchronised; steps after the first hit its cache)",
+                       {name: _phase_ms(ga if name == "anchored_flagged" else g, fn, device)
+                        for name, fn in (("guarded_flagged", variants["guarded_flagged"]),
+                                         ("anchored_flagged", anchored))})
             left = budget_s - (time.perf_counter() - t_start)
             share = left / (len(batches) - bi) if not quick else float("inf")
             n = max(3, min(reps, int(share // max(round_s, 1e-9)))) if not quick else reps
@@ -198,9 +221,12 @@ def run(sec: Section, device: torch.device, quick: bool, tokenizer: str | None, 
             res = paired_timing(variants, "unguarded", n, device, warmup=0)
             res.update(images_per_call=b, steps=steps, size=size, guidance_scale=7.5, concept=CONCEPT)
             res["refine_steps"] = getattr(last.get("guarded_flagged_report"), "refine_steps", None)
+            res["anchored_refine_steps"] = getattr(last.get("anchored_flagged_report"), "refine_steps", None)
             sec.report(f"b{b}: latency", res)
             extra = res["median_s"]["guarded_flagged"] - res["median_s"]["unguarded"]
             sec.report(f"b{b}: guarded flagged minus unguarded, median ms", round(extra * 1e3, 2))
+            extra = res["median_s"]["anchored_flagged"] - res["median_s"]["unguarded"]
+            sec.report(f"b{b}: anchored flagged minus unguarded, median ms", round(extra * 1e3, 2))
     finally:
         g.detach()
     sec.guarded("refine micro-benchmark", lambda: _refine_bench(sec, device, quick))
@@ -221,6 +247,56 @@ def _checks(sec: Section, tag: str, last: dict, unguarded_flagged: np.ndarray, b
     sec.check(f"{tag}: flagged prompts' images change", bool(flag_f) and all(changed), "all flagged changed",
               direct_flagged=f"{len(flag_f)}/{b}", flagged_changed=f"{sum(changed)}/{len(changed)}",
               refine_steps=rep_f.refine_steps)
+
+
+def _anchored_checks(sec: Section, tag: str, last: dict, unguarded_flagged: np.ndarray, b: int,
+                     anchored: Any) -> None:
+    """``anchor_text`` on the device: flagged rows re-encoded and changed, and a row's image independent
+    of which of its neighbours were toggled (the re-encode covers every prompt row, so its matmul
+    shapes do not depend on the batch's composition)."""
+    rep = last["anchored_flagged_report"]
+    rows = {r % b for r in rep.anchored.get(CONCEPT, [])}
+    flagged = {r % b for r in rep.flagged.get(CONCEPT, [])}
+    images = last["anchored_flagged"]
+    sec.check(f"{tag}: anchor_text re-encodes every flagged prompt", bool(flagged) and rows == flagged,
+              "anchored rows == flagged rows", anchored=sorted(rows), flagged=sorted(flagged))
+    sec.check(f"{tag}: anchored images finite and differ from unanchored guarded ones",
+              bool(np.isfinite(images).all()) and all(not np.array_equal(images[i], last["guarded_flagged"][i])
+                                                      for i in flagged), "finite, all differ")
+    if b < 2:
+        return
+    full = images.copy()
+    toggles = [[CONCEPT] if i % 2 == 0 else [] for i in range(b)]
+    anchored(erase=toggles)
+    mixed = last["anchored_flagged"]
+    toggled = [np.array_equal(mixed[i], full[i]) for i in range(0, b, 2)]
+    untoggled = [np.array_equal(mixed[i], unguarded_flagged[i]) for i in range(1, b, 2)]
+    sec.check(f"{tag}: anchored mixed batch: toggled rows equal the all-toggled call, untoggled rows unguarded",
+              all(toggled) and all(untoggled), "bit-identical",
+              toggled=f"{sum(toggled)}/{len(toggled)}", untoggled=f"{sum(untoggled)}/{len(untoggled)}")
+
+
+def _phase_ms(g: Any, fn: Any, device: torch.device) -> dict[str, float]:
+    """Milliseconds one call spends in the guard's ``_condition`` (detection, anchor re-encode, refinement)
+    and its ``_anchor_text`` part, each between device synchronisations (timed apart from the latency
+    loop, whose numbers the extra synchronisations would change)."""
+    times: dict[str, float] = {}
+    for name in ("_condition", "_anchor_text"):
+        def timed(*a: Any, _orig: Any = getattr(g, name), _name: str = name, **k: Any) -> Any:
+            sync(device)
+            t0 = time.perf_counter()
+            out = _orig(*a, **k)
+            sync(device)
+            times[_name] = times.get(_name, 0.0) + 1e3 * (time.perf_counter() - t0)
+            return out
+
+        setattr(g, name, timed)
+    try:
+        fn()
+    finally:
+        for name in ("_condition", "_anchor_text"):
+            delattr(g, name)
+    return {k: round(v, 2) for k, v in times.items()}
 
 
 def _refine_bench(sec: Section, device: torch.device, quick: bool) -> None:
