@@ -209,9 +209,8 @@ def run(sec: Section, device: torch.device, quick: bool, tokenizer: str | None, 
             _checks(sec, f"b{b}", last, unguarded_flagged, b)
             _anchored_checks(sec, f"b{b}", last, unguarded_flagged, b, anchored)
             sec.report(f"b{b}: ms inside the guard's conditioning per call (synchronised; steps after the first hit its cache)",
-                       {name: _phase_ms(ga if name == "anchored_flagged" else g, fn, device)
-                        for name, fn in (("guarded_flagged", variants["guarded_flagged"]),
-                                         ("anchored_flagged", anchored))})
+                       {"guarded_flagged": _phase_ms(g, variants["guarded_flagged"], device),
+                        "anchored_flagged": _phase_ms(ga, anchored, device)})
             left = budget_s - (time.perf_counter() - t_start)
             share = left / (len(batches) - bi) if not quick else float("inf")
             n = max(3, min(reps, int(share // max(round_s, 1e-9)))) if not quick else reps
@@ -282,7 +281,9 @@ def _phase_ms(g: Any, fn: Any, device: torch.device) -> dict[str, float]:
     loop, whose numbers the extra synchronisations would change)."""
     times: dict[str, float] = {}
     for name in ("_condition", "_anchor_text"):
-        def timed(*a: Any, _orig: Any = getattr(g, name), _name: str = name, **k: Any) -> Any:
+        original = getattr(g, name)
+
+        def timed(*a: Any, _orig: Any = original, _name: str = name, **k: Any) -> Any:
             sync(device)
             t0 = time.perf_counter()
             out = _orig(*a, **k)
