@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--quick", action="store_true", help="shrunk components (CPU dry run)")
     p.add_argument("--clip-tokenizer", default=None)
+    p.add_argument("--warmup-s", type=float, default=10.0,
+                   help="seconds of UNet forwards before timing (a lent GPU idles at a low clock: the first "
+                        "run measured b1's UNet forward slower than b4's)")
     args = p.parse_args(argv)
 
     from erasekit import Concept
@@ -75,7 +78,15 @@ def main(argv: list[str] | None = None) -> int:
     gen_device = device if device.type == "cuda" else torch.device("cpu")
     result: dict[str, Any] = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                               "torch": torch.__version__, "dtype": str(dtype), "reps": args.reps, "size": size,
-                              "anchor_text": ANCHOR_TEXT, "batches": {}}
+                              "anchor_text": ANCHOR_TEXT, "warmup_s": args.warmup_s,
+                              "batches": {}}
+    with torch.no_grad():
+        lat = torch.randn(8, 4, latent, latent, device=device, dtype=dtype)
+        states = torch.randn(8, 77, pipe.text_encoder.config.hidden_size, device=device, dtype=dtype)
+        t_end = time.perf_counter() + args.warmup_s
+        while time.perf_counter() < t_end:
+            pipe.unet(lat, 500, encoder_hidden_states=states)
+            sync(device)
     for b in (1, 4):
         direct = world.direct_prompts(CONCEPT, b, 21)
         row: dict[str, Any] = {}
