@@ -124,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "prompts); pass it when --retain names the anchor in other words")
     cal.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a method hyperparameter (JSON value), repeatable; e.g. for cgce "
-                          "--set anchor_text='with a plain fill' (words flagged prompts are re-encoded with)")
+                          "--set anchor_text='with a plain fill' (words flagged prompts are re-encoded with), or "
+                          "--set 'detect_phrases=[\"star\", \"five-pointed star\"]' (a separate detection head "
+                          "attending to the concept's synonyms)")
     cal.add_argument("--call", action="append", default=[], metavar="KEY=VALUE",
                      help="diffusion (cgce/irece): a pipeline-call argument (JSON scalar) to calibrate under, "
                           "as the pipeline will be served, e.g. --call num_frames=49; repeatable")

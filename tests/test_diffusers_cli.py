@@ -62,6 +62,20 @@ def test_calibrate_cgce_with_anchor_text(saved_pipe, capsys):
     assert code == 2 and "anchor_text" in capsys.readouterr().err and not (root / "bad-anchor-text").exists()
 
 
+def test_calibrate_cgce_with_detection_head(saved_pipe, capsys):
+    root, pipe = saved_pipe
+    out = root / "pack-detect"
+    assert main(_calibrate_args(root, "cgce", out, "--set", 'detect_phrases=["red", "crimson"]')) == 0
+    pack = ConceptPack.from_pretrained(out)
+    assert pack.hyperparameters["detect_phrases"] == ["red", "crimson"] and pack.hyperparameters["detect_tau"] == 0.05
+    with guard(pipe, [pack]) as g:
+        g(["a red star", "a blue star"], erase=["red"], num_inference_steps=1, height=32, width=32,
+          output_type="pt", generator=torch.Generator().manual_seed(0))
+        assert set(g.last_report.scores) == {"red"}
+    code = main(_calibrate_args(root, "cgce", root / "bad-detect", "--set", "detect_phrases=red"))
+    assert code == 2 and "detect_phrases" in capsys.readouterr().err and not (root / "bad-detect").exists()
+
+
 def test_calibrate_rejects_unknown_hyperparameter(saved_pipe, capsys):
     root, _ = saved_pipe
     code = main(_calibrate_args(root, "cgce", root / "bad", "--set", "learning_rate=3", keywords=False))

@@ -85,23 +85,29 @@ def tuned_cgce_hyperparameters() -> dict[str, Any]:
 
 
 def calibrate_packs(world: World, concepts: list[str], n_prompts: int, irece_hp: dict[str, Any] | None,
-                    cache: Path | None = None, cgce_hp: dict[str, Any] | None = None, anchor_text: bool = False
-                    ) -> dict[str, dict[str, ConceptPack]]:
+                    cache: Path | None = None, cgce_hp: dict[str, Any] | None = None, anchor_text: bool = False,
+                    detection_head: bool = False) -> dict[str, dict[str, ConceptPack]]:
     """``{concept: {"cgce": pack, "irece": pack}}`` calibrated on training prompts (cached on disk).
 
     ``anchor_text``: CGCE packs of concepts whose family has a neutral value get it as ``anchor_text``
     (:meth:`World.anchor_text`: "with a plain fill" for stripes and dots; adopted in
     ``results/cgce_anchor_text/DECISION.md``). Shapes and colours get none.
+
+    ``detection_head``: CGCE packs get a separate detection head attending to the concept's training
+    synonyms (``detect_phrases``, the keywords a user would list; ``results/cgce_detection_head/``);
+    refinement keeps the single-head model.
     """
     out: dict[str, dict[str, ConceptPack]] = {}
     for c in concepts:
         concept = Concept(c, forget=world.train_prompts(c, n_prompts, seed=1),
                           retain=world.retain_prompts(c, n_prompts, seed=1), keywords=[c])
-        path = cache / f"{c}-cgce-v2-{n_prompts}" if cache else None  # v2: flat features + margin logits
+        suffix = "-dethead" if detection_head else ""
+        path = cache / f"{c}-cgce-v2-{n_prompts}{suffix}" if cache else None  # v2: flat features + margin logits
         if path is not None and path.is_dir():
             cg = ConceptPack.from_pretrained(path)
         else:
-            cg = calibrate_cgce(world.pipe, concept)
+            head = {"detect_phrases": world.train_synonyms(c)} if detection_head else {}
+            cg = calibrate_cgce(world.pipe, concept, **head)
             if path is not None:
                 cg.save_pretrained(path)
         if cgce_hp and cgce_hp.get("negative_guidance") and "negative_embedding" not in cg.tensors:

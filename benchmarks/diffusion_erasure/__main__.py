@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="override a tuned CGCE hyperparameter for this run (JSON value), e.g. margin=1.5")
     p.add_argument("--cgce-no-anchor-text", action="store_true",
                    help="CGCE without anchor text (style concepts otherwise name 'with a plain fill' instead)")
+    p.add_argument("--cgce-detection-head", action="store_true",
+                   help="CGCE packs with a separate detection head attending to the concept's training synonyms")
     p.add_argument("--quick", action="store_true", help="few images/steps (CI smoke)")
     p.add_argument("--skip-eval", action="store_true", help="only tune (with --tune)")
     p.add_argument("--overhead-reps", type=int, default=30,
@@ -99,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             cgce_hp = {**cgce_hp, key: json.loads(value)}
         if args.overhead_only:
             packs = de.calibrate_packs(world, concepts[:1], args.calibration_prompts, hp, cache, cgce_hp,
-                                       anchor_text=not args.cgce_no_anchor_text)
+                                       anchor_text=not args.cgce_no_anchor_text,
+                                       detection_head=args.cgce_detection_head)
             overhead = de.measure_overhead(world, packs, concepts[0], 2 if args.quick else args.overhead_reps)
             overhead["seconds"] = round(time.time() - t0, 1)
             (out / "overhead.json").write_text(json.dumps(overhead, indent=2) + "\n")
@@ -109,11 +112,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {out}/overhead.json in {overhead['seconds']} s")
             return 0
         packs = de.calibrate_packs(world, concepts, args.calibration_prompts, hp, cache, cgce_hp,
-                                   anchor_text=not args.cgce_no_anchor_text)
+                                   anchor_text=not args.cgce_no_anchor_text,
+                                   detection_head=args.cgce_detection_head)
         results = de.evaluate(world, packs, concepts, out, args.quick)
         overhead = de.measure_overhead(world, packs, concepts[0], 2 if args.quick else args.overhead_reps)
         report = {"concepts": concepts, "irece_hyperparameters": hp, "cgce_hyperparameters": cgce_hp,
                   "cgce_anchor_texts": {c: p["cgce"].hyperparameters.get("anchor_text") for c, p in packs.items()},
+                  "cgce_detection_head": args.cgce_detection_head,
                   "results": results, "overhead": overhead, "seconds": round(time.time() - t0, 1)}
         report["acceptance"] = de.acceptance(results, overhead)
     (out / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")

@@ -197,6 +197,8 @@ def calibrate_cgce(
     phrases = concept_embedding(pipe, _phrases(concept), **encode_kwargs)
     detector = fit_detector(unsafe.numpy(), safe.numpy(), phrases.numpy(), tau=float(hp["tau"]), C=C,
                             flat=bool(hp["flat"]))
+    head = _detection_head(pipe, concept, unsafe, safe, hp, C, encode_kwargs) \
+        if any(k in hyperparameters for k in cgce.DETECT_HYPERPARAMETERS) else detector
     z = detector.decision_function(np.concatenate([unsafe, safe]).reshape(len(unsafe) + len(safe), -1))
     y = np.r_[np.ones(len(unsafe)), np.zeros(len(safe))]
     probs = 1 / (1 + np.exp(-z))
@@ -211,8 +213,26 @@ def calibrate_cgce(
     return ConceptPack(
         concept=concept, method="cgce", fingerprint=fingerprint_pipeline(pipe),
         tensors=tensors, hyperparameters=hp,
-        classifier_onnx=export_detector(detector),
+        classifier_onnx=export_detector(head),
     )
+
+
+def _detection_head(pipe: DiffusionPipeline, concept: Concept, unsafe: torch.Tensor, safe: torch.Tensor,
+                    hp: dict[str, Any], C: float | None, encode_kwargs: dict[str, Any]) -> Any:
+    """The pack's separate detection head (``detect_*`` in :mod:`erasekit.classifiers.cgce`), fitted on the
+    same prompts; writes its settings and statistics into ``hp``."""
+    for key, value in cgce.DETECT_DEFAULTS.items():
+        hp.setdefault(key, value)
+    hp.setdefault("detect_phrases", _phrases(concept))
+    cgce.validate_detection_head(hp, "calibrate_cgce")
+    phrases = concept_embedding(pipe, list(hp["detect_phrases"]), **encode_kwargs)
+    head = fit_detector(unsafe.numpy(), safe.numpy(), phrases.numpy(), tau=float(hp["detect_tau"]), C=C,
+                        flat=bool(hp["detect_flat"]))
+    x = np.concatenate([unsafe, safe]).reshape(len(unsafe) + len(safe), -1)
+    y = np.r_[np.ones(len(unsafe)), np.zeros(len(safe))]
+    hp.update(detect_C=float(head.steps[-1][1].C),
+              detect_train_accuracy=float(((head.predict_proba(x)[:, 1] > hp["threshold"]) == y).mean()))
+    return head
 
 
 def _anchor_twin(pipe: DiffusionPipeline, concept: Concept, anchor: Concept, unsafe: torch.Tensor,
