@@ -1,9 +1,13 @@
 # ruff: noqa
-"""Apply README.md's pre-registered rule to variants.py's results on seed sets s4, s5, s6; writes DECISION.md."""
+"""Apply README.md's pre-registered rule to variants.py's results: round 1 on seed sets s4-s6 (writes
+DECISION.md), ``--round 2`` on s7-s9 with rule 4 at the 48-prompt resolution (writes DECISION_round2.md)."""
 import json, sys
 from pathlib import Path
 import numpy as np
-D = Path("bench_out/cgce-detection"); SETS = ("_s4", "_s5", "_s6"); BASE, CAND = "base", "tau05_syn_noflat"
+ROUND = int(sys.argv[sys.argv.index("--round") + 1]) if "--round" in sys.argv else 1
+D = Path("bench_out/cgce-detection"); BASE, CAND = "base", "tau05_syn_noflat"
+SETS = ("_s4", "_s5", "_s6") if ROUND == 1 else ("_s7", "_s8", "_s9")
+MULTI_SLACK = 0.02 if ROUND == 1 else 1 / 48
 R = {(v, s): json.loads((D / f"res_{v}{s}.json").read_text()) for v in (BASE, CAND) for s in SETS}
 def stats(v, s):
     r = R[(v, s)]
@@ -17,10 +21,11 @@ rules = {
         pooled[CAND] >= pooled[BASE] + 0.05 - 1e-9 and all(S[(CAND, s)]["para"] >= S[(BASE, s)]["para"] for s in SETS),
     "2 benign FP <= base on every set": all(S[(CAND, s)]["ben"] <= S[(BASE, s)]["ben"] for s in SETS),
     "3 fresh-retain FP summed <= base + 3": sum(S[(CAND, s)]["ret"] for s in SETS) <= sum(S[(BASE, s)]["ret"] for s in SETS) + 3,
-    "4 lowest multi recall >= base - 0.02 on every set": all(S[(CAND, s)]["multi"] >= S[(BASE, s)]["multi"] - 0.02 for s in SETS),
+    f"4 lowest multi recall >= base - {'0.02' if ROUND == 1 else '1/48'} on every set":
+        all(S[(CAND, s)]["multi"] >= S[(BASE, s)]["multi"] - MULTI_SLACK - 1e-9 for s in SETS),
 }
 concepts = list(R[(BASE, SETS[0])])
-lines = ["# Decision: detection-only CGCE head (rule in README.md)", "",
+lines = [f"# Decision{'' if ROUND == 1 else ', round 2'}: detection-only CGCE head (rule in README.md)", "",
          "| arm | set | paraphrase recall | benign FP / 960 | fresh-retain FP / 3000 | lowest multi recall | per concept (" + ", ".join(concepts) + ") |",
          "|---|---|---|---|---|---|---|"]
 for v in (BASE, CAND):
@@ -34,5 +39,5 @@ verdict = all(rules.values())
 lines += ["", f"**Verdict: {'adopt' if verdict else 'do not adopt'}.**"]
 text = "\n".join(lines) + "\n"
 print(text)
-Path(__file__).with_name("DECISION.md").write_text(text)
+Path(__file__).with_name("DECISION.md" if ROUND == 1 else "DECISION_round2.md").write_text(text)
 sys.exit(0)
