@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--d-reps", type=int, default=5, help="section D: timing reps per batch size")
     parser.add_argument("--d-budget", type=float, default=90.0, help="section D: seconds it may take (reps shrink to fit)")
     parser.add_argument("--d-batches", default="1,4", help="section D: batch sizes to time")
+    parser.add_argument("--d-warmup-s", type=float, default=10.0,
+                        help="section D on CUDA: seconds of UNet forwards before timing (raises the GPU's idle clock)")
     args = parser.parse_args(argv)
 
     import torch
@@ -177,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                 "D",
                 "diffusers guard, SD1.5-sized random pipeline (fp16 on CUDA)",
                 lambda s: sd15.run(s, device, args.quick, args.clip_tokenizer, budget_s=args.d_budget, reps=args.d_reps,
-                                  batches=tuple(int(b) for b in args.d_batches.split(","))),
+                                  batches=tuple(int(b) for b in args.d_batches.split(",")), warmup_s=args.d_warmup_s),
             )
         )
     for key, title, fn in plan:
