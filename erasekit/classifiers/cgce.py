@@ -50,13 +50,14 @@ twin's folded weights, and the concept embedding the features attend with. Hyper
   same prompts with its own feature temperature, flat block (usually off) and attention phrases
   (usually every synonym the user lists), while the twin (refinement) keeps the pack's ``tau`` and
   ``flat``. Why two models: the flat block that makes refinement move every row the denoiser reads
-  also ties the detector to the training phrasings, so unseen paraphrases score low; without it
-  and attending to all synonyms, held-out paraphrase recall rose by 0.05-0.10 (pooled +0.076) on
-  three fresh sets of development seeds, with no more false positives
-  (``benchmarks/diffusion_erasure/results/cgce_detection_head``; opt-in: its pre-set rule failed on
-  one multi-concept prompt). Refinement by that model, though, leaves the concept in the image. ``threshold`` applies to the head;
-  ``detect_C`` and ``detect_train_accuracy`` are calibration statistics. The three are read at
-  calibration only: changing them in a calibrated pack changes nothing (the head is in the ONNX graph).
+  also ties the detector to the training phrasings, so unseen paraphrases score low. Without it and
+  attending to all synonyms, held-out paraphrase recall rose by 0.04-0.10 on each of six fresh sets
+  of development seeds (``benchmarks/diffusion_erasure/results/cgce_detection_head``). It is
+  opt-in: its pre-set rules failed once on one multi-concept prompt and once on one benign prompt.
+  Refinement by that model, though, leaves the concept in the image. ``threshold`` applies to the
+  head; ``detect_C`` and ``detect_train_accuracy`` are calibration statistics. The three are read
+  at calibration only: changing them in a calibrated pack changes nothing (the head is in the ONNX
+  graph).
 """
 
 from __future__ import annotations
