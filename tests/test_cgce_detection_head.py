@@ -42,7 +42,9 @@ def test_head_is_the_onnx_detector_and_the_twin_is_unchanged(pipe, packs):
     unsafe = encode_conditioning(pipe, concept.forget).numpy()
     safe = encode_conditioning(pipe, concept.retain).numpy()
     probe = np.concatenate([unsafe[:3], safe[:3]])
-    expected = fit_detector(unsafe, safe, concept_embedding(pipe, PHRASES).numpy(), tau=0.05, flat=False)
+    empty = encode_conditioning(pipe, [""]).numpy()  # the unconditional prompt joins the negatives (1 per 20)
+    negatives = np.concatenate([safe, np.repeat(empty, max(1, len(safe) // 20), axis=0)])
+    expected = fit_detector(unsafe, negatives, concept_embedding(pipe, PHRASES).numpy(), tau=0.05, flat=False)
     got = CGCEClassifier.from_pack(headed).scores(torch.from_numpy(probe))
     np.testing.assert_allclose(got, expected.predict_proba(probe.reshape(len(probe), -1))[:, 1], atol=1e-5)
 

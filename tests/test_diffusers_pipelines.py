@@ -206,6 +206,22 @@ def test_anchor_text_reencodes_flagged_prompts_on_every_family(family):
 
 
 
+def test_detection_head_calibrates_and_guards_on_every_family(family):
+    """A CGCE pack with a detection head (``detect_phrases``) on SDXL (two encoders), SD3 (three, the call's
+    ``max_sequence_length``) and CogVideoX (T5): the head reads the same conditioning shape, flags the red
+    prompt only, and the benign image stays unguarded."""
+    name, pipe, pack, kwargs = family
+    encode = {k: v for k, v in kwargs.items() if k == "max_sequence_length"}
+    headed = calibrate_cgce(pipe, pack.concept, encode_kwargs=encode, detect_phrases=["red", "crimson"])
+    assert headed.hyperparameters["detect_train_accuracy"] == 1.0
+    assert headed.classifier_onnx != pack.classifier_onnx
+    baseline = _run(pipe, [RED, BLUE], kwargs)
+    with guard(pipe, [headed]) as g:
+        out = _run(lambda *a, **k: g(*a, erase=["red"], **k), [RED, BLUE], kwargs)
+        assert g.last_report.flagged["red"] == [2]
+    assert not torch.equal(out[0], baseline[0]) and torch.equal(out[1], baseline[1])
+
+
 def test_per_prompt_toggles_with_several_videos_per_prompt_refused(family):
     """Wan repeats each prompt num_videos_per_prompt times, CogVideoX forces one: per-prompt lists would be
     mapped onto rows by a guess, so they are refused; one list for all prompts is unambiguous."""

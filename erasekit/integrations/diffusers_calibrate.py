@@ -220,12 +220,20 @@ def calibrate_cgce(
 def _detection_head(pipe: DiffusionPipeline, concept: Concept, unsafe: torch.Tensor, safe: torch.Tensor,
                     hp: dict[str, Any], C: float | None, encode_kwargs: dict[str, Any]) -> Any:
     """The pack's separate detection head (``detect_*`` in :mod:`erasekit.classifiers.cgce`), fitted on the
-    same prompts; writes its settings and statistics into ``hp``."""
+    same prompts plus the empty prompt as a negative; writes its settings and statistics into ``hp``.
+
+    Why the empty prompt: it is the unconditional row CFG pairs with every call, and the guard scores
+    that row too. Without the flat block, nothing ties the head to it: on a tiny CogVideoX (random T5)
+    the head flagged ``""`` as the concept (tests/test_diffusers_pipelines.py), which would refine the
+    unconditional row of benign prompts in the same call.
+    """
     for key, value in cgce.DETECT_DEFAULTS.items():
         hp.setdefault(key, value)
     hp.setdefault("detect_phrases", _phrases(concept))
     cgce.validate_detection_head(hp, "calibrate_cgce")
     phrases = concept_embedding(pipe, list(hp["detect_phrases"]), **encode_kwargs)
+    empty = encode_conditioning(pipe, [""], **encode_kwargs)
+    safe = torch.cat([safe, empty.expand(max(1, len(safe) // 20), -1, -1)])
     head = fit_detector(unsafe.numpy(), safe.numpy(), phrases.numpy(), tau=float(hp["detect_tau"]), C=C,
                         flat=bool(hp["detect_flat"]))
     x = np.concatenate([unsafe, safe]).reshape(len(unsafe) + len(safe), -1)
