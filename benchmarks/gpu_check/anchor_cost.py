@@ -13,7 +13,6 @@ unit a call repeats ``steps`` times. Random weights (``benchmarks.gpu_check.sd15
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import time
@@ -24,7 +23,15 @@ import numpy as np
 import torch
 
 from benchmarks.gpu_check.common import log, sync
-from benchmarks.gpu_check.sd15 import ANCHOR_TEXT, CONCEPT, _phase_ms, _prompts, build_pipeline, tokenizer_dir
+from benchmarks.gpu_check.sd15 import (
+    ANCHOR_TEXT,
+    CONCEPT,
+    _phase_ms,
+    _prompts,
+    build_pipeline,
+    tokenizer_dir,
+    warm_clock,
+)
 
 
 def _ms(fn: Any, reps: int, device: torch.device) -> list[float]:
@@ -67,12 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     concept = Concept(CONCEPT, forget=world.train_prompts(CONCEPT, n, seed=1),
                       retain=world.retain_prompts(CONCEPT, n, seed=1), keywords=[CONCEPT])
     pack = calibrate_cgce(pipe, concept, C=0.01)
-    from benchmarks.diffusion_erasure import tuned_cgce_hyperparameters
+    from benchmarks.diffusion_erasure import tuned_cgce_hyperparameters, with_hyperparameters
 
-    pack = dataclasses.replace(pack, hyperparameters={**pack.hyperparameters, **tuned_cgce_hyperparameters()},
-                               source=None)
-    anchored_pack = dataclasses.replace(pack, hyperparameters={**pack.hyperparameters, "anchor_text": ANCHOR_TEXT},
-                                        source=None)
+    pack = with_hyperparameters(pack, **tuned_cgce_hyperparameters())
+    anchored_pack = with_hyperparameters(pack, anchor_text=ANCHOR_TEXT)
     size = 64 if args.quick else 512
     latent = size // 8
     gen_device = device if device.type == "cuda" else torch.device("cpu")
@@ -80,13 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                               "torch": torch.__version__, "dtype": str(dtype), "reps": args.reps, "size": size,
                               "anchor_text": ANCHOR_TEXT, "warmup_s": args.warmup_s,
                               "batches": {}}
-    with torch.no_grad():
-        lat = torch.randn(8, 4, latent, latent, device=device, dtype=dtype)
-        states = torch.randn(8, 77, pipe.text_encoder.config.hidden_size, device=device, dtype=dtype)
-        t_end = time.perf_counter() + args.warmup_s
-        while time.perf_counter() < t_end:
-            pipe.unet(lat, 500, encoder_hidden_states=states)
-            sync(device)
+    warm_clock(pipe, device, args.warmup_s, latent)
     for b in (1, 4):
         direct = world.direct_prompts(CONCEPT, b, 21)
         row: dict[str, Any] = {}

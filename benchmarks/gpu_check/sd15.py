@@ -167,7 +167,7 @@ def run(sec: Section, device: torch.device, quick: bool, tokenizer: str | None, 
             return np.asarray(fn(prompts, generator=gens, **kw, **extra).images)
 
     if device.type == "cuda" and warmup_s > 0:  # a lent GPU idles at a low clock (345 vs 1980 MHz on an H200)
-        _warm_clock(pipe, device, warmup_s)
+        warm_clock(pipe, device, warmup_s)
         sec.report("clock warm-up s (UNet forwards before timing)", warmup_s)
     try:
         for bi, b in enumerate(batches):
@@ -251,10 +251,11 @@ def _checks(sec: Section, tag: str, last: dict, unguarded_flagged: np.ndarray, b
               refine_steps=rep_f.refine_steps)
 
 
-def _warm_clock(pipe: Any, device: torch.device, seconds: float) -> None:
-    """Run UNet forwards for ``seconds`` so the timed calls start at the GPU's working clock."""
+def warm_clock(pipe: Any, device: torch.device, seconds: float, latent: int = 64) -> None:
+    """Run UNet forwards (batch 8, ``latent`` x ``latent``) for ``seconds`` so the timed calls start at the
+    GPU's working clock."""
     with torch.no_grad():
-        lat = torch.randn(8, 4, 64, 64, device=device, dtype=pipe.unet.dtype)
+        lat = torch.randn(8, 4, latent, latent, device=device, dtype=pipe.unet.dtype)
         states = torch.randn(8, 77, pipe.unet.config.cross_attention_dim, device=device, dtype=pipe.unet.dtype)
         end = time.perf_counter() + seconds
         while time.perf_counter() < end:
