@@ -21,6 +21,7 @@ from erasekit.integrations import diffusers as ekd
 from erasekit.integrations.diffusers import guard
 from erasekit.testing.diffusion_world import load_world
 from erasekit.testing.diffusion_world.pipeline import encode_text
+from _survivals import survivals  # this folder (the script's own directory is on sys.path)
 
 SEED = int(sys.argv[1]) if len(sys.argv) > 1 else 2100
 FRAC = float(sys.argv[2]) if len(sys.argv) > 2 else 0.5
@@ -53,22 +54,11 @@ orig_append = ekd._append
 def append_with_delete(prompt, texts):
     return orig_append(delete_words(prompt) if texts else prompt, texts)
 
-fam = W.family(CONCEPT); names = W.concepts[fam]; others = tuple(f for f in ("shape", "colour", "style") if f != fam)
-spec_fn = {"direct": W.direct_specs, "paraphrase": W.heldout_specs, "multi_concept": W.multi_specs}
 res = {}
 for arm in ("anchor_text", "anchor_text+delete"):
     ekd._append = append_with_delete if arm.endswith("delete") else orig_append
-    tot, agree, land_all = collections.Counter(), [], collections.Counter()
-    for attack, fn in spec_fn.items():
-        specs = fn(CONCEPT, N, SEED); prompts = [s.prompt for s in specs]
-        for k in range(RESEEDS + 1):
-            with guard(W.pipe, [pack]) as g:
-                imgs = W.generate(prompts, SEED + 100_000 * k, call=g, erase=[CONCEPT])
-            land = collections.Counter(names[i] for i in W.detector.probs(imgs)[fam].argmax(-1).tolist())
-            tot[attack] += land[CONCEPT]; land_all.update(land)
-            if attack == "multi_concept":
-                agree.append(float(np.mean(list(W.agreement(specs, imgs, families=others).values()))))
-    res[arm] = {"survivals": dict(tot), "total": sum(tot.values()), "other_agree": float(np.mean(agree)), "landed": dict(land_all)}
+    tot, agree, land_all = survivals(W, pack, CONCEPT, SEED, N, RESEEDS)
+    res[arm] = {"survivals": dict(tot), "total": sum(tot.values()), "other_agree": agree, "landed": dict(land_all)}
     print(arm, res[arm], flush=True)
 ekd._append = orig_append
 print("examples:", deleted_log[:12:2])

@@ -14,25 +14,15 @@ from benchmarks import diffusion_erasure as de
 from erasekit.guardrails.pack import ConceptPack
 from erasekit.integrations.diffusers import guard
 from erasekit.testing.diffusion_world import load_world
+from _survivals import survivals  # this folder (the script's own directory is on sys.path)
 SEED = int(sys.argv[1]); CONCEPT = sys.argv[2]; TEXTS = sys.argv[3].split("|")
 N, RESEEDS = 12, 4
 W = load_world(); W.pipe.set_progress_bar_config(disable=True)
 hp = de.tuned_cgce_hyperparameters()
 base = ConceptPack.from_pretrained(Path(REPO / f"bench_out/cgce-tune/packs/{CONCEPT}-cgce-v2-300"))
-fam = W.family(CONCEPT); names = W.concepts[fam]; others = tuple(f for f in ("shape", "colour", "style") if f != fam)
-spec_fn = {"direct": W.direct_specs, "paraphrase": W.heldout_specs, "multi_concept": W.multi_specs}
 MARGINS = [float(m) for m in sys.argv[4].split(",")] if len(sys.argv) > 4 else [None]
 for text, margin in [(t, m) for t in TEXTS for m in MARGINS]:
     h = {**hp, **({"margin": margin} if margin is not None else {})}
     pack = de.with_hyperparameters(base, **h, anchor_text=text) if text else de.with_hyperparameters(base, **h)
-    tot, agree, land_all = collections.Counter(), [], collections.Counter()
-    for attack, fn in spec_fn.items():
-        specs = fn(CONCEPT, N, SEED); prompts = [s.prompt for s in specs]
-        for k in range(RESEEDS + 1):
-            with guard(W.pipe, [pack]) as g:
-                imgs = W.generate(prompts, SEED + 100_000 * k, call=g, erase=[CONCEPT])
-            land = collections.Counter(names[i] for i in W.detector.probs(imgs)[fam].argmax(-1).tolist())
-            tot[attack] += land[CONCEPT]; land_all.update(land)
-            if attack == "multi_concept":
-                agree.append(float(np.mean(list(W.agreement(specs, imgs, families=others).values()))))
-    print(repr(text), margin, dict(tot), sum(tot.values()), round(float(np.mean(agree)), 3), dict(land_all), flush=True)
+    tot, agree, land_all = survivals(W, pack, CONCEPT, SEED, N, RESEEDS)
+    print(repr(text), margin, dict(tot), sum(tot.values()), round(agree, 3), dict(land_all), flush=True)
