@@ -10,16 +10,10 @@ from erasekit.classifiers.cgce import CGCEClassifier
 from erasekit.guardrails.concept import Concept
 from erasekit.guardrails.pack import ConceptPack
 from erasekit.integrations.diffusers_calibrate import calibrate_cgce, encode_conditioning
-from erasekit.testing import build_tiny_sd_pipeline
 from tests._irece import red_concept
 from tests.test_diffusers_guard import BLUE, RED, SHAPES, _with, guarded_first_conditioning
 
 BACKS = ("white", "black", "grey")
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return build_tiny_sd_pipeline(0)
 
 
 @pytest.fixture(scope="module")

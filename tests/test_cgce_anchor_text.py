@@ -11,7 +11,6 @@ import torch
 from erasekit.errors import ErasekitError, PackError
 from erasekit.integrations.diffusers import _append, guard
 from erasekit.integrations.diffusers_calibrate import calibrate_cgce
-from erasekit.testing import build_tiny_sd_pipeline
 from erasekit.testing.diffusion_world.scenes import neutral_anchor_text
 from tests._irece import red_concept
 from tests.test_diffusers_guard import (
@@ -23,11 +22,6 @@ from tests.test_diffusers_guard import (
     first_conditioning,
     guarded_first_conditioning,
 )
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return build_tiny_sd_pipeline(0)
 
 
 @pytest.fixture(scope="module")

@@ -12,16 +12,10 @@ from erasekit.classifiers.detector import fit_detector
 from erasekit.errors import ErasekitError, PackError
 from erasekit.guardrails.pack import ConceptPack
 from erasekit.integrations.diffusers_calibrate import calibrate_cgce, concept_embedding, encode_conditioning
-from erasekit.testing import build_tiny_sd_pipeline
 from tests._irece import red_concept, with_hp
 from tests.test_diffusers_guard import BLUE, KW, RED, _gen, first_conditioning, guarded_first_conditioning
 
 PHRASES = ["red", "crimson", "scarlet"]
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return build_tiny_sd_pipeline(0)
 
 
 @pytest.fixture(scope="module")

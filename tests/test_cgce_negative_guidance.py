@@ -16,7 +16,6 @@ from erasekit.integrations.diffusers_calibrate import (
     calibrate_cgce,
     encode_conditioning,
 )
-from erasekit.testing import build_tiny_sd_pipeline
 from tests._irece import red_concept
 from tests.test_diffusers_guard import (
     BLUE,
@@ -28,11 +27,6 @@ from tests.test_diffusers_guard import (
     first_conditioning,
     guarded_first_conditioning,
 )
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return build_tiny_sd_pipeline(0)
 
 
 @pytest.fixture(scope="module")

@@ -50,11 +50,6 @@ def guarded_first_conditioning(pipe, packs, prompts, erase, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    return build_tiny_sd_pipeline(0)
-
-
-@pytest.fixture(scope="module")
 def red_concept():
     forget = [f"a red {s} on a {b} background" for s in SHAPES for b in BACKS]
     retain = [f"a {c} {s} on a {b} background" for c in ("blue", "green") for s in SHAPES for b in BACKS]
