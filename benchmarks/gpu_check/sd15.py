@@ -166,7 +166,7 @@ def run(sec: Section, device: torch.device, quick: bool, tokenizer: str | None, 
         with torch.no_grad():
             return np.asarray(fn(prompts, generator=gens, **kw, **extra).images)
 
-    if device.type == "cuda" and warmup_s > 0:  # a lent GPU idles at a low clock (345 vs 1980 MHz on an H200)
+    if device.type == "cuda" and warmup_s > 0:  # a lent GPU idles far below its working clock
         warm_clock(pipe, device, warmup_s)
         sec.report("clock warm-up s (UNet forwards before timing)", warmup_s)
     try:
