@@ -110,8 +110,22 @@ def build_parser() -> argparse.ArgumentParser:
     cal = sub.add_parser("calibrate", help="calibrate a concept pack for a model")
     cal.add_argument("--model", required=True, help="model directory (HF format) or diffusers pipeline directory")
     cal.add_argument("--concept", required=True, help="concept name, e.g. harry_potter")
-    cal.add_argument("--forget", required=True, help="text file, one prompt per line, that elicits the concept")
-    cal.add_argument("--retain", required=True, help="text file, one prompt per line, that must keep working")
+    cal.add_argument("--forget", default=None, metavar="FILE",
+                     help="text file, one prompt per line, that elicits the concept (or generate pairs: --templates)")
+    cal.add_argument("--retain", default=None, metavar="FILE", help="text file, one prompt per line, that must keep working")
+    cal.add_argument("--templates", default=None, metavar="FILE",
+                     help="text file, one template per line with one {concept} slot, e.g. 'a photo of {concept}': "
+                          "forget/retain prompts are made as minimal pairs from it, --phrases and --contrasts "
+                          "(added to --forget/--retain when those are given too)")
+    cal.add_argument("--phrases", default=None, metavar="FILE",
+                     help="with --templates: text file, one phrasing of the concept per line, e.g. 'a five-pointed star'")
+    cal.add_argument("--contrasts", default=None, metavar="FILE",
+                     help="with --templates: text file, one phrasing per line of what fills the slot in the retain "
+                          "prompt instead, e.g. 'a circle'")
+    cal.add_argument("--pairs", type=int, default=None, metavar="N",
+                     help="with --templates: draw N distinct (template, phrase, contrast) pairs (default: every "
+                          "template with every phrase once)")
+    cal.add_argument("--pairs-seed", type=int, default=0, metavar="SEED", help="seed for drawing/dealing the pairs")
     cal.add_argument("--method", required=True, choices=sorted(CALIBRATORS))
     cal.add_argument("--keywords", default="", help="comma-separated keywords for the router (kif)")
     cal.add_argument("--target", default=None,

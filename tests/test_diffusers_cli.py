@@ -227,3 +227,64 @@ def test_anchor_of_a_long_concept_name_is_a_valid_concept(tmp_path):
                               anchor_retain=None)
     anchor = anchor_from_args(args, Concept("x" * 64, forget=["a"], retain=["b"]))  # names may be 64 long
     assert anchor.keywords == ("plain",) and anchor.forget == ("a plain circle", "a plain square")
+
+
+# ---------------------------------------------------------------- --templates: generated contrast pairs
+def _pair_files(root) -> list[str]:
+    """``--templates/--phrases/--contrasts`` files for concept "red" on the tiny pipeline."""
+    (root / "templates.txt").write_text("a photo of {concept}\n{concept} on a table\n# a comment\na drawing of {concept}\n")
+    (root / "phrases.txt").write_text("a red star\na red circle\n")
+    (root / "contrasts.txt").write_text("a blue star\na green circle\na yellow square\n")
+    return ["--templates", str(root / "templates.txt"), "--phrases", str(root / "phrases.txt"),
+            "--contrasts", str(root / "contrasts.txt")]
+
+
+def test_calibrate_cgce_from_generated_pairs(saved_pipe):
+    root, pipe = saved_pipe
+    out = root / "pack-pairs"
+    args = ["calibrate", "--model", str(root / "pipe"), "--concept", "red", "--method", "cgce", "--keywords", "red",
+            *_pair_files(root), "--pairs-seed", "4", "-o", str(out)]
+    assert main(args) == 0
+    pack = ConceptPack.from_pretrained(out)
+    assert len(pack.concept.forget) == len(pack.concept.retain) == 6  # 3 templates x 2 phrases
+    assert "a photo of a red star" in pack.concept.forget
+    assert pack.concept.metadata["pairs"]["seed"] == 4 and pack.concept.metadata["pairs"]["phrases"] == [
+        "a red star", "a red circle"]
+    with guard(pipe, [pack]) as g:
+        g(["a red star", "a blue star"], erase=["red"], num_inference_steps=1, height=32, width=32,
+          output_type="pt", generator=torch.Generator().manual_seed(0))
+    # files and pairs together: the files' prompts first, then the pairs
+    both = root / "pack-pairs-and-files"
+    assert main(_calibrate_args(root, "cgce", both, *_pair_files(root), "--pairs", "5")) == 0
+    concept = ConceptPack.from_pretrained(both).concept
+    assert len(concept.forget) == 4 + 5 and concept.forget[0] == "a red circle"
+    assert len(concept.retain) == 8 + 5
+
+
+@pytest.mark.parametrize(("drop", "extra", "field"), [
+    ("--contrasts", [], "--contrasts"),          # pairs need all three files
+    (None, ["--pairs", "99"], "n"),              # more pairs than 3 x 2 x 3 distinct ones (flag --pairs)
+    (None, ["--templates", "phrases.txt"], "templates[0]"),  # a "template" without a {concept} slot
+    ("all", ["--pairs", "3"], "--pairs"),        # --pairs without templates
+    ("all", [], "--forget"),                     # no prompts at all
+])
+def test_calibrate_refuses_incomplete_pairs(saved_pipe, drop, extra, field, capsys):
+    root, _ = saved_pipe
+    files = _pair_files(root)
+    if drop == "all":
+        files = []
+    elif drop:
+        i = files.index(drop)
+        files = files[:i] + files[i + 2:]
+    out = root / "bad-pairs"
+    extra = [str(root / a) if a.endswith(".txt") else a for a in extra]
+    args = ["calibrate", "--model", str(root / "pipe"), "--concept", "red", "--method", "cgce", *files, *extra,
+            "-o", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"field '{field}'" in err
+    if field == "n":
+        assert "--pairs: field" in err
+    if field == "templates[0]":
+        assert "phrases.txt: field" in err
+    assert not out.exists()

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from erasekit.errors import ErasekitError
+from erasekit.guardrails.pairs import contrast_pairs
 
 #: Concept names travel in request parameters, file names and metric labels, so they are
 #: restricted to a safe alphabet. They must start with a letter or digit: a leading ``-`` or
@@ -80,6 +81,19 @@ class Concept:
             "keywords": list(self.keywords),
             "metadata": dict(self.metadata),
         }
+
+    @classmethod
+    def from_templates(cls, name: str, templates: list[str], phrases: list[str], contrasts: list[str], *,
+                       n: int | None = None, seed: int = 0, keywords: tuple[str, ...] | list[str] = (),
+                       target: str | None = None, metadata: dict[str, Any] | None = None) -> Concept:
+        """A concept whose forget/retain prompts are minimal pairs made from ``templates`` (see
+        :func:`~erasekit.guardrails.pairs.contrast_pairs`); how they were made is kept in ``metadata["pairs"]``,
+        so a pack's manifest records it."""
+        forget, retain = contrast_pairs(templates, phrases, contrasts, n=n, seed=seed)
+        made = {"templates": list(templates), "phrases": list(phrases), "contrasts": list(contrasts), "n": n,
+                "seed": seed}
+        return cls(name=name, forget=forget, retain=retain, target=target, keywords=keywords,
+                   metadata={**(metadata or {}), "pairs": made})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Concept:

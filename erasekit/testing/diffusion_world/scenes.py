@@ -28,6 +28,7 @@ __all__ = [
     "render_many",
     "training_caption_for",
     "training_synonyms",
+    "training_templates",
     "neutral_anchor_text",
     "sample_scenes",
     "caption",
@@ -301,6 +302,12 @@ def training_synonyms(concept: str) -> list[str]:
     if concept in _TRAIN_STYLE:
         return [text for text, _prefix in _TRAIN_STYLE[concept]]
     raise KeyError(f"unknown concept {concept!r}; known: {sorted(all_concepts())}")
+
+
+def training_templates() -> list[str]:
+    """The TRAINING caption templates, with the noun phrase's place marked ``{concept}`` (the slot of
+    :func:`erasekit.guardrails.pairs.contrast_pairs`): "a photo of a {concept}"."""
+    return [t.replace("{x}", "{concept}") for t in _TRAIN_TEMPLATES]
 
 
 #: each family's neutral value, where it has one: what "erase this concept" can name instead

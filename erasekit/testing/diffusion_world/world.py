@@ -31,6 +31,7 @@ from erasekit.testing.diffusion_world.scenes import (
     render_many,
     sample_scenes,
     training_synonyms,
+    training_templates,
 )
 
 __all__ = ["World", "load_world", "default_weights_dir", "PromptSpec"]
@@ -95,6 +96,11 @@ class World:
         """The concept's training-vocabulary phrasings (allowed for calibration, e.g. as CGCE keywords)."""
         _check_concept(concept, "World.train_synonyms")
         return training_synonyms(concept)
+
+    def train_templates(self) -> list[str]:
+        """The training caption templates with a ``{concept}`` slot (allowed for calibration, e.g. as
+        :meth:`Concept.from_templates <erasekit.guardrails.concept.Concept.from_templates>` templates)."""
+        return training_templates()
 
     def anchor_text(self, concept: str) -> str | None:
         """What a guard may name instead of ``concept`` (CGCE ``anchor_text``): the family's neutral value in
