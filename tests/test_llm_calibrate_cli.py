@@ -39,6 +39,22 @@ def test_cli_calibrate_writes_a_valid_pack(model_dir, tmp_path, method, capsys):
     assert "zorvath" in capsys.readouterr().out
 
 
+def test_cli_calibrate_llm_pack_from_templates(model_dir, tmp_path):
+    """--templates makes the prompts for LLM methods too: the pairs are method-agnostic text."""
+    (tmp_path / "t.txt").write_text("Tell me about {concept}.\nWho is {concept}?\nWrite a story about {concept}.\n")
+    (tmp_path / "p.txt").write_text("the wizard Zorvath\nZorvath the Grey\n")
+    (tmp_path / "c.txt").write_text("the baker Emma\nthe pilot Jonas\nthe gardener Ruth\n")
+    out = tmp_path / "pack"
+    rc = main(["calibrate", "--model", str(model_dir), "--concept", "zorvath", "--templates", str(tmp_path / "t.txt"),
+               "--phrases", str(tmp_path / "p.txt"), "--contrasts", str(tmp_path / "c.txt"), "--method", "kif",
+               "--keywords", "Zorvath", "--set", "router=\"keywords\"", "-o", str(out)])
+    assert rc == 0
+    concept = ConceptPack.from_pretrained(out).concept
+    assert len(concept.forget) == len(concept.retain) == 6 and "Who is Zorvath the Grey?" in concept.forget
+    assert all("Zorvath" not in r for r in concept.retain)
+    assert concept.metadata["pairs"]["contrasts"] == ["the baker Emma", "the pilot Jonas", "the gardener Ruth"]
+
+
 def test_cli_calibrate_bad_input_is_a_clear_error(model_dir, tmp_path, capsys):
     retain = tmp_path / "retain.txt"
     retain.write_text("\n".join(RETAIN))
