@@ -36,6 +36,7 @@ from diffusers import DiffusionPipeline
 from diffusers.hooks import HookRegistry, ModelHook
 
 from erasekit.classifiers.cgce import CGCEClassifier
+from erasekit.classifiers.guidance import negative_unconditional, refined_unconditional
 from erasekit.classifiers.twin import refine
 from erasekit.errors import ErasekitError, PackError, PolicyError
 from erasekit.guardrails.faults import handle_guard_fault
@@ -935,18 +936,10 @@ class DiffusersGuard:
         images = self._cfg_images(state, out)
         if images is None:
             return out
-        total = torch.zeros_like(out[:images])
-        count = torch.zeros(images, dtype=out.dtype, device=out.device)
-        for negative, flagged in negatives:
-            cond = flagged[images:]
-            total = total + cond[:, None, None].to(out.dtype) * negative.to(out.device, out.dtype)
-            count = count + cond.to(out.dtype)
-        replace = count > 0
-        if not bool(replace.any()):
+        uncond, replaced = negative_unconditional(out[:images], [(neg, flagged[images:]) for neg, flagged in negatives])
+        if not bool(replaced.any()):
             return out
-        mean = total / count.clamp(min=1)[:, None, None]
-        uncond = torch.where(replace[:, None, None], mean, out[:images])
-        state.report.negative_guided = torch.nonzero(replace).flatten().tolist()
+        state.report.negative_guided = torch.nonzero(replaced).flatten().tolist()
         return torch.cat([uncond, out[images:]])
 
     def _refinement_negative(self, state: _CallState, embeds: torch.Tensor, out: torch.Tensor,
@@ -967,8 +960,7 @@ class DiffusersGuard:
         cond = flagged[images:]
         if not bool(cond.any()):
             return out
-        removed = embeds[images:].to(out.dtype) - out[images:]
-        uncond = torch.where(cond[:, None, None], out[:images] + removed, out[:images])
+        uncond = refined_unconditional(out[:images], embeds[images:], out[images:], cond)
         state.report.negative_guided = sorted(set(state.report.negative_guided)
                                               | set(torch.nonzero(cond).flatten().tolist()))
         return torch.cat([uncond, out[images:]])
@@ -1034,28 +1026,8 @@ class DiffusersGuard:
         if mask is None or out.ndim != 3 or out.shape[0] != 2 * images or mask.shape[0] != images:
             return out  # no unconditional branch (guidance 1): the latent perturbation acts alone
         if mask.ndim == 5:
-            return self._cut_video(mask, out, images)
-        height, width = mask.shape[-2:]
-        ratio = (height * width / out.shape[1]) ** 0.5
-        h, w = round(height / ratio), round(width / ratio)
-        if h * w != out.shape[1]:
-            return out
-        m = torch.nn.functional.adaptive_max_pool2d(mask.float(), (h, w)).flatten(1)[..., None] > 0
-        uncond, cond = out[:images], out[images:]
-        return torch.cat([uncond, torch.where(m.to(out.device), uncond, cond)])
-
-    def _cut_video(self, mask: torch.Tensor, out: torch.Tensor, images: int) -> torch.Tensor:
-        """The cut on video tokens: mask [B, F, 1, H, W] pooled onto the (F/pt, H/p, W/p) token grid."""
-        frames, height, width = mask.shape[1], mask.shape[-2], mask.shape[-1]
-        f = frames // self._patch_t
-        ratio = (f * height * width / out.shape[1]) ** 0.5 if f else 0.0
-        h, w = (round(height / ratio), round(width / ratio)) if ratio else (0, 0)
-        if f * h * w != out.shape[1]:
-            return out
-        grid = mask.float()[:, :, 0][:, None]  # [B, 1, F, H, W]
-        m = torch.nn.functional.adaptive_max_pool3d(grid, (f, h, w)).flatten(1)[..., None] > 0
-        uncond, cond = out[:images], out[images:]
-        return torch.cat([uncond, torch.where(m.to(out.device), uncond, cond)])
+            return irece_math.cut_video_tokens(out, mask, images, self._patch_t)
+        return irece_math.cut_image_tokens(out, mask, images)
 
     def _with_irece_callback(self, state: _CallState, kwargs: dict) -> dict:
         from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
@@ -1087,8 +1059,7 @@ class DiffusersGuard:
         further device op runs (measured ~8 us each on the world pipeline, four of them per step).
         """
         t = irece_math.calibration_step(step, num, len(c.bias_rows))
-        image_logit = sum(m.mean(1) for m in captured) + c.bias_rows[t]
-        margin = image_logit - c.gate_rows[t]
+        margin = irece_math.gate_margin(captured, c.bias_rows[t], c.gate_rows[t])
         margins = margin.tolist()
         state.report.irece_gate.setdefault(c.name, []).append(margins)
         flags = state.row_flags(c.name, b)

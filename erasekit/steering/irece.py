@@ -229,6 +229,45 @@ def perturb_latents(
     return torch.where(mask, mixed.to(latents.dtype), latents)
 
 
+def gate_margin(captured: list[torch.Tensor], bias: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """Per image ``[B]``: the step's image logit (each layer's position-mean logit, summed, plus the
+    step probe's bias) minus the step's gate threshold; above 0 latches the image."""
+    return sum(m.mean(1) for m in captured) + bias - threshold
+
+
+def _cut(out: torch.Tensor, positions: torch.Tensor, images: int) -> torch.Tensor:
+    uncond, cond = out[:images], out[images:]
+    return torch.cat([uncond, torch.where(positions.to(out.device), uncond, cond)])
+
+
+def cut_image_tokens(out: torch.Tensor, mask: torch.Tensor, images: int) -> torch.Tensor:
+    """The text cut: an attention output ``[2B, N, C]`` under CFG (``[uncond, cond]``) whose conditional
+    rows take the unconditional rows' values at the image tokens ``mask`` ``[B, 1, H, W]`` covers.
+
+    The mask is max-pooled onto the layer's token grid (the latent's aspect ratio, N tokens); a
+    layer whose token count fits no such grid is returned as is.
+    """
+    height, width = mask.shape[-2:]
+    ratio = (height * width / out.shape[1]) ** 0.5
+    h, w = round(height / ratio), round(width / ratio)
+    if h * w != out.shape[1]:
+        return out
+    return _cut(out, F.adaptive_max_pool2d(mask.float(), (h, w)).flatten(1)[..., None] > 0, images)
+
+
+def cut_video_tokens(out: torch.Tensor, mask: torch.Tensor, images: int, patch_t: int = 1) -> torch.Tensor:
+    """:func:`cut_image_tokens` for video tokens: ``mask`` ``[B, F, 1, H, W]`` pooled onto the
+    ``(F / patch_t, H/p, W/p)`` token grid."""
+    frames, height, width = mask.shape[1], mask.shape[-2], mask.shape[-1]
+    f = frames // patch_t
+    ratio = (f * height * width / out.shape[1]) ** 0.5 if f else 0.0
+    h, w = (round(height / ratio), round(width / ratio)) if ratio else (0, 0)
+    if f * h * w != out.shape[1]:
+        return out
+    grid = mask.float()[:, :, 0][:, None]  # [B, 1, F, H, W]
+    return _cut(out, F.adaptive_max_pool3d(grid, (f, h, w)).flatten(1)[..., None] > 0, images)
+
+
 def in_window(step: int, num_steps: int, start: float, end: float) -> bool:
     """Whether denoising step ``step`` (0-based, of ``num_steps``) lies in the fractional window."""
     return math.floor(start * num_steps) <= step < math.ceil(end * num_steps)
