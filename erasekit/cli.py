@@ -94,6 +94,41 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(out_dir=Path(args.out), sections=args.only)
 
 
+def _add_pair_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``--templates/--phrases/--contrasts/--pairs`` options shared by ``calibrate`` and ``pairs``."""
+    parser.add_argument("--templates", default=None, metavar="FILE",
+                     help="text file, one template per line with one {concept} slot, e.g. 'a photo of {concept}': "
+                          "forget/retain prompts are made as minimal pairs from it, --phrases and --contrasts "
+                          "(calibrate adds them after the --forget/--retain prompts when those are given too)")
+    parser.add_argument("--phrases", default=None, metavar="FILE",
+                     help="with --templates: text file, one phrasing of the concept per line, e.g. 'a five-pointed star'")
+    parser.add_argument("--contrasts", default=None, metavar="FILE",
+                     help="with --templates: text file, one phrasing per line of what fills the slot in the retain "
+                          "prompt instead, e.g. 'a circle'")
+    parser.add_argument("--pairs", type=int, default=None, metavar="N",
+                     help="with --templates: draw N distinct (template, phrase, contrast) pairs (default: every "
+                          "template with every phrase once)")
+    parser.add_argument("--pairs-seed", type=int, default=0, metavar="SEED", help="seed for drawing/dealing the pairs")
+
+
+def _cmd_pairs(args: argparse.Namespace) -> int:
+    from erasekit.guardrails.cli_inputs import generated_pairs
+
+    if not args.templates:
+        raise ErasekitError("erasekit pairs", "--templates", "nothing to generate",
+                            "pass --templates, --phrases and --contrasts (text files, one item per line)")
+    forget, retain, _ = generated_pairs(args)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "forget.txt").write_text("\n".join(forget) + "\n", encoding="utf-8")
+    (out / "retain.txt").write_text("\n".join(retain) + "\n", encoding="utf-8")
+    for f, r in list(zip(forget, retain, strict=True))[:3]:
+        print(f"  {f!r}  |  {r!r}")
+    print(f"wrote {len(forget)} pairs to {out / 'forget.txt'} and {out / 'retain.txt'} "
+          f"(edit them, then: erasekit calibrate --forget ... --retain ...)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="erasekit",
@@ -113,19 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--forget", default=None, metavar="FILE",
                      help="text file, one prompt per line, that elicits the concept (or generate pairs: --templates)")
     cal.add_argument("--retain", default=None, metavar="FILE", help="text file, one prompt per line, that must keep working")
-    cal.add_argument("--templates", default=None, metavar="FILE",
-                     help="text file, one template per line with one {concept} slot, e.g. 'a photo of {concept}': "
-                          "forget/retain prompts are made as minimal pairs from it, --phrases and --contrasts "
-                          "(added to --forget/--retain when those are given too)")
-    cal.add_argument("--phrases", default=None, metavar="FILE",
-                     help="with --templates: text file, one phrasing of the concept per line, e.g. 'a five-pointed star'")
-    cal.add_argument("--contrasts", default=None, metavar="FILE",
-                     help="with --templates: text file, one phrasing per line of what fills the slot in the retain "
-                          "prompt instead, e.g. 'a circle'")
-    cal.add_argument("--pairs", type=int, default=None, metavar="N",
-                     help="with --templates: draw N distinct (template, phrase, contrast) pairs (default: every "
-                          "template with every phrase once)")
-    cal.add_argument("--pairs-seed", type=int, default=0, metavar="SEED", help="seed for drawing/dealing the pairs")
+    _add_pair_arguments(cal)
     cal.add_argument("--method", required=True, choices=sorted(CALIBRATORS))
     cal.add_argument("--keywords", default="", help="comma-separated keywords for the router (kif)")
     cal.add_argument("--target", default=None,
@@ -146,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "as the pipeline will be served, e.g. --call num_frames=49; repeatable")
     cal.add_argument("-o", "--output", required=True, help="pack directory to write")
     cal.set_defaults(func=_cmd_calibrate)
+
+    pairs = sub.add_parser("pairs", help="write forget/retain prompt files made from templates (to read or edit "
+                                         "before calibrate)")
+    _add_pair_arguments(pairs)
+    pairs.add_argument("-o", "--output", required=True, help="folder for forget.txt and retain.txt")
+    pairs.set_defaults(func=_cmd_pairs)
 
     demo = sub.add_parser("demo", help="run the end-to-end demo and write a markdown report")
     demo.add_argument("--out", default="demo_out", help="folder for the report and images")

@@ -77,3 +77,20 @@ def test_concept_from_templates_records_how_the_prompts_were_made():
     assert concept.metadata["pairs"] == {"templates": TEMPLATES, "phrases": PHRASES, "contrasts": CONTRASTS,
                                          "n": 5, "seed": 2}
     assert Concept.from_dict(concept.to_dict()) == concept
+
+
+def test_cli_pairs_writes_the_prompt_files_calibrate_reads(tmp_path, capsys):
+    from erasekit.cli import main
+
+    files = {}
+    for name, items in (("templates", TEMPLATES), ("phrases", PHRASES), ("contrasts", CONTRASTS)):
+        files[name] = tmp_path / f"{name}.txt"
+        files[name].write_text("\n".join(items) + "\n")
+    flags = [a for name, path in files.items() for a in (f"--{name}", str(path))]
+    assert main(["pairs", *flags, "--pairs", "7", "--pairs-seed", "2", "-o", str(tmp_path / "out")]) == 0
+    forget = (tmp_path / "out" / "forget.txt").read_text().splitlines()
+    retain = (tmp_path / "out" / "retain.txt").read_text().splitlines()
+    assert (forget, retain) == contrast_pairs(TEMPLATES, PHRASES, CONTRASTS, n=7, seed=2)
+    assert "wrote 7 pairs" in capsys.readouterr().out
+    assert main(["pairs", "-o", str(tmp_path / "none")]) == 2
+    assert "field '--templates'" in capsys.readouterr().err and not (tmp_path / "none").exists()
