@@ -55,6 +55,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     if anchor_option and args.method != "cgce":
         raise ErasekitError(anchor_option, None, f"--method {args.method} has no anchor (only CGCE refinement "
                             "steers onto one)", "drop the anchor options, or use --method cgce")
+    if getattr(args, "subphrases", None) and args.method != "cgce":
+        raise ErasekitError("--subphrases", None, f"--method {args.method} does not fit a prompt detector",
+                            "drop --subphrases, or use --method cgce")
     if args.call and args.method not in DIFFUSION_METHODS:
         raise ErasekitError("--call", args.call[0].partition("=")[0], f"--method {args.method} calibrates a "
                             "language model, not a diffusers pipeline call", "drop --call, or use --method cgce|irece")
@@ -149,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="text file, one prompt per line, that elicits the concept (or generate pairs: --templates)")
     cal.add_argument("--retain", default=None, metavar="FILE", help="text file, one prompt per line, that must keep working")
     _add_pair_arguments(cal)
+    cal.add_argument("--subphrases", default=None, metavar="FILE",
+                     help="cgce: text file, one phrasing of the concept per line (e.g. its synonyms); forget prompts "
+                          "using a multi-word one are added again cut to one distinctive word ('valentine heart' -> "
+                          "'valentine'), so the detector learns the parts paraphrases reuse")
     cal.add_argument("--method", required=True, choices=sorted(CALIBRATORS))
     cal.add_argument("--keywords", default="", help="comma-separated keywords for the router (kif)")
     cal.add_argument("--target", default=None,

@@ -288,3 +288,36 @@ def test_calibrate_refuses_incomplete_pairs(saved_pipe, drop, extra, field, caps
     if field == "templates[0]":
         assert "phrases.txt: field" in err
     assert not out.exists()
+
+
+def test_calibrate_cgce_with_subphrases(saved_pipe, capsys):
+    root, _ = saved_pipe
+    (root / "synonyms.txt").write_text("red\ncrimson red\nscarlet red thing\n")
+    out = root / "pack-subphrases"
+    assert main(_calibrate_args(root, "cgce", out, "--subphrases", str(root / "synonyms.txt"))) == 0
+    concept = ConceptPack.from_pretrained(out).concept
+    assert "subphrases" in concept.metadata  # which words survive depends on the (random) encoder
+    assert concept.forget[:4] == ("a red circle", "a red square", "a red star", "a red heart")
+    assert main(_calibrate_args(root, "kif", root / "bad-sub", "--subphrases", str(root / "synonyms.txt"))) == 2
+    assert "--subphrases" in capsys.readouterr().err and not (root / "bad-sub").exists()
+
+
+def test_calibrate_cgce_subphrases_add_cut_prompts(pipe, monkeypatch):
+    import numpy as np
+
+    from erasekit.guardrails.concept import Concept
+    from erasekit.integrations import diffusers_calibrate as dc
+
+    concept = Concept("red", forget=["a crimson red star", "a red circle", "a crimson red heart"],
+                      retain=["a blue star", "a green circle"], keywords=["red"])
+    # the tiny random encoder puts "crimson" nearer a retain word than "red": no extra prompts
+    pack = dc.calibrate_cgce(pipe, concept, subphrases=["red", "crimson red"])
+    assert pack.concept.metadata["subphrases"] == {} and len(pack.concept.forget) == 3
+
+    def toy_vectors(_pipe, texts, **_):  # "crimson" on "red"'s axis, every other word elsewhere
+        return np.array([[1.0, 0.0] if t in ("red", "crimson", "crimson red") else [0.0, 1.0] for t in texts])
+
+    monkeypatch.setattr(dc, "phrase_vectors", toy_vectors)
+    pack = dc.calibrate_cgce(pipe, concept, subphrases=["red", "crimson red"])
+    assert pack.concept.metadata["subphrases"] == {"crimson red": ["crimson"]}
+    assert pack.concept.forget[3:] == ("a crimson star", "a crimson heart")

@@ -94,3 +94,39 @@ def test_cli_pairs_writes_the_prompt_files_calibrate_reads(tmp_path, capsys):
     assert "wrote 7 pairs" in capsys.readouterr().out
     assert main(["pairs", "-o", str(tmp_path / "none")]) == 2
     assert "field '--templates'" in capsys.readouterr().err and not (tmp_path / "none").exists()
+
+
+# ---------------------------------------------------------------- sub-phrase augmentation
+def test_distinctive_subwords_keep_only_words_the_retain_prompts_never_use():
+    from erasekit.guardrails.pairs import distinctive_subwords
+
+    phrases = ["heart", "valentine heart", "heart symbol", "love heart", "red heart shape"]
+    retain = ["a red circle", "a blue shape with a symbol", "a plus sign"]
+    assert distinctive_subwords(phrases, retain) == {"valentine heart": ["valentine"], "love heart": ["love"]}
+
+
+def test_distinctive_subwords_drop_a_word_the_encoder_places_next_to_a_retain_word():
+    import numpy as np
+
+    from erasekit.guardrails.pairs import distinctive_subwords
+
+    axes = {"green": 0, "grass": 0, "lime": 1, "lemon": 1, "grass green": 0, "lime green": 0}
+
+    def embed(texts):  # toy encoder: "lime" sits on "lemon"'s axis, "grass" on green's
+        out = np.zeros((len(texts), 3), np.float32)
+        for i, t in enumerate(texts):
+            out[i, axes.get(t, 2)] = 1.0
+        return out
+
+    phrases, retain = ["green", "grass green", "lime green"], ["a lemon circle"]
+    assert distinctive_subwords(phrases, retain) == {"grass green": ["grass"], "lime green": ["lime"]}
+    assert distinctive_subwords(phrases, retain, embed=embed) == {"grass green": ["grass"]}
+
+
+def test_subphrase_prompts_cut_the_longest_phrase_to_one_word():
+    from erasekit.guardrails.pairs import subphrase_prompts
+
+    subwords = {"valentine heart": ["valentine"], "heart symbol": ["symbol"]}
+    forget = ["a red valentine heart", "a heart symbol on grey", "a heart", "a valentine hearts"]
+    assert subphrase_prompts(forget, subwords) == ["a red valentine", "a symbol on grey"]
+    assert subphrase_prompts(forget, subwords, seed=1) == subphrase_prompts(forget, subwords, seed=1)

@@ -13,17 +13,20 @@ articles belong in them (``"a star"``) or in the template.
 
 from __future__ import annotations
 
+import re
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from erasekit.errors import ErasekitError
 
-__all__ = ["SLOT", "contrast_pairs"]
+__all__ = ["SLOT", "FUNCTION_WORDS", "contrast_pairs", "distinctive_subwords", "subphrase_prompts", "words"]
 
 #: the placeholder a template must contain exactly once
 SLOT = "concept"
+#: words that never stand for a concept on their own
+FUNCTION_WORDS = frozenset({"a", "an", "the", "with", "in", "of", "on", "and", "or", "to", "by", "for", "at", "as"})
 
 
 def _texts(values: object, field: str, fix: str) -> list[str]:
@@ -84,3 +87,65 @@ def contrast_pairs(templates: Sequence[str], phrases: Sequence[str], contrasts: 
     forget = [t.format(**{SLOT: p}) for t, p, _ in triples]
     retain = [t.format(**{SLOT: c}) for t, _, c in triples]
     return forget, retain
+
+
+def words(text: str) -> list[str]:
+    """Lower-case words of ``text``; hyphenated words stay whole ("five-pointed")."""
+    return re.findall(r"[\w'-]+", text.lower())
+
+
+def _occurs(phrase: str) -> re.Pattern[str]:
+    return re.compile(rf"(?<![\w-]){re.escape(phrase)}(?![\w-])", re.IGNORECASE)
+
+
+def distinctive_subwords(phrases: Sequence[str], retain: Sequence[str],
+                         embed: Callable[[list[str]], np.ndarray] | None = None) -> dict[str, list[str]]:
+    """Per multi-word phrase of the concept, the words of it that may stand for the concept alone.
+
+    Why: a few phrasings teach a detector those exact phrasings; paraphrases reuse their *parts*
+    ("valentine heart" -> "a valentine-style figure"). A word qualifies if it is not a function word,
+    not itself one of ``phrases``, absent from every ``retain`` prompt (it would be labelled both
+    ways), and -- when ``embed`` is given (unit vectors of the generator's own encoder, one row per
+    text) -- closer to one of the concept's phrases that do not contain it than to every word of the
+    retain prompts ("lime" of "lime green" goes: the encoder puts it next to "lemon").
+    """
+    own = {p.strip().lower() for p in phrases}
+    retain_words = sorted({w for p in retain for w in words(p)} - FUNCTION_WORDS)
+    seen = set(retain_words)
+    candidates = {p: [w for w in dict.fromkeys(words(p)) if w not in FUNCTION_WORDS and w not in own and w not in seen]
+                  for p in phrases if len(words(p)) > 1}
+    candidates = {p: ws for p, ws in candidates.items() if ws}
+    if embed is None or not candidates:
+        return candidates
+    pool = sorted({w for ws in candidates.values() for w in ws})
+    vectors = embed(list(phrases) + retain_words + pool)
+    phrase_vecs = vectors[:len(phrases)]
+    retain_vecs = vectors[len(phrases):len(phrases) + len(retain_words)]
+    word_vecs = dict(zip(pool, vectors[len(phrases) + len(retain_words):], strict=True))
+    kept: dict[str, list[str]] = {}
+    for phrase, ws in candidates.items():
+        good = []
+        for w in ws:
+            others = [i for i, p in enumerate(phrases) if w not in words(p)]
+            nearest_own = max((float(phrase_vecs[i] @ word_vecs[w]) for i in others), default=-1.0)
+            nearest_retain = float((retain_vecs @ word_vecs[w]).max()) if len(retain_vecs) else -1.0
+            if nearest_own > nearest_retain:
+                good.append(w)
+        if good:
+            kept[phrase] = good
+    return kept
+
+
+def subphrase_prompts(forget: Sequence[str], subwords: dict[str, list[str]], seed: int = 0) -> list[str]:
+    """Extra forget prompts: each prompt that contains a phrase of ``subwords`` (the longest one
+    found), once more with that phrase replaced by one of its words, drawn with ``seed``."""
+    rng = np.random.default_rng(seed)
+    phrases = sorted(subwords, key=len, reverse=True)
+    patterns = {p: _occurs(p) for p in phrases}
+    out = []
+    for prompt in forget:
+        hit = next((p for p in phrases if patterns[p].search(prompt)), None)
+        if hit is not None:
+            word = subwords[hit][int(rng.integers(len(subwords[hit])))]
+            out.append(patterns[hit].sub(word, prompt, count=1))
+    return out

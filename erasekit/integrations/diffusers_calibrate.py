@@ -37,6 +37,7 @@ from erasekit.guardrails.cli_inputs import (
 )
 from erasekit.guardrails.concept import Concept
 from erasekit.guardrails.pack import ConceptPack
+from erasekit.guardrails.pairs import distinctive_subwords, subphrase_prompts
 from erasekit.integrations.diffusers import (
     conditioning_dim,
     cross_attention_queries,
@@ -96,11 +97,10 @@ def _tokenizer(pipe: DiffusionPipeline) -> Any:
     raise ErasekitError(type(pipe).__name__, "tokenizer", "pipeline has no tokenizer", "pass a text-conditioned pipeline")
 
 
-def concept_embedding(pipe: DiffusionPipeline, phrases: Sequence[str], **call_kwargs: Any) -> torch.Tensor:
-    """The conditioning rows ``[K, D]`` of the concept's own words, each phrase encoded alone.
-
-    Special tokens (BOS/EOS/padding) are dropped: they carry the whole prompt, not the concept.
-    """
+def _phrase_rows(pipe: DiffusionPipeline, phrases: Sequence[str], field: str = "keywords",
+                 **call_kwargs: Any) -> list[torch.Tensor]:
+    """Per phrase, encoded alone, its word rows of the conditioning (special tokens dropped: BOS/EOS/
+    padding carry the whole prompt, not the words)."""
     tok = _tokenizer(pipe)
     embeds = encode_conditioning(pipe, list(phrases), **call_kwargs)
     special = set(tok.all_special_ids)
@@ -109,10 +109,33 @@ def concept_embedding(pipe: DiffusionPipeline, phrases: Sequence[str], **call_kw
         ids = tok(phrase).input_ids
         positions = [i for i, t in enumerate(ids) if t not in special and i < e.shape[0]]
         if not positions:
-            raise ErasekitError("concept", "keywords", f"phrase {phrase!r} has no non-special tokens",
-                                "use real words for the concept's keywords")
+            raise ErasekitError("concept", field, f"phrase {phrase!r} has no non-special tokens",
+                                f"use real words in the concept's {field}")
         rows.append(e[positions])
-    return torch.cat(rows)
+    return rows
+
+
+def concept_embedding(pipe: DiffusionPipeline, phrases: Sequence[str], **call_kwargs: Any) -> torch.Tensor:
+    """The conditioning rows ``[K, D]`` of the concept's own words, each phrase encoded alone."""
+    return torch.cat(_phrase_rows(pipe, phrases, **call_kwargs))
+
+
+def phrase_vectors(pipe: DiffusionPipeline, phrases: Sequence[str], **call_kwargs: Any) -> np.ndarray:
+    """One unit vector per phrase: the mean of its word rows under the pipeline's own encoder."""
+    means = torch.stack([r.float().mean(0) for r in _phrase_rows(pipe, phrases, "subphrases", **call_kwargs)])
+    return torch.nn.functional.normalize(means, dim=1).numpy()
+
+
+def with_subphrases(pipe: DiffusionPipeline, concept: Concept, phrases: Sequence[str], seed: int = 0,
+                    **call_kwargs: Any) -> Concept:
+    """``concept`` with extra forget prompts in which a multi-word phrasing is cut to one distinctive
+    word (:func:`~erasekit.guardrails.pairs.distinctive_subwords`, judged by this pipeline's encoder);
+    the words used are kept in ``metadata["subphrases"]``."""
+    subwords = distinctive_subwords(list(phrases), list(concept.retain),
+                                    embed=lambda texts: phrase_vectors(pipe, texts, **call_kwargs))
+    extra = subphrase_prompts(concept.forget, subwords, seed)
+    return dataclasses.replace(concept, forget=(*concept.forget, *extra),
+                               metadata={**concept.metadata, "subphrases": subwords})
 
 
 def _phrases(concept: Concept) -> list[str]:
@@ -166,6 +189,7 @@ def calibrate_cgce(
     encode_kwargs: dict[str, Any] | None = None,
     negative_prompt: str | None = None,
     anchor: Concept | None = None,
+    subphrases: Sequence[str] | None = None,
     **hyperparameters: Any,
 ) -> ConceptPack:
     """Fit a CGCE classifier on ``concept.forget`` (unsafe) vs ``concept.retain`` (safe) prompts.
@@ -184,6 +208,11 @@ def calibrate_cgce(
     training logit on the anchor prompts: refinement pulls a flagged row as far onto the anchor as
     the typical anchor prompt sits.
 
+    ``subphrases``: the concept's phrasings (e.g. its synonyms); the forget prompts that use a
+    multi-word one are added once more with it cut to one distinctive word (:func:`with_subphrases`),
+    so the detector learns the parts paraphrases reuse. The pack's concept keeps the extra prompts
+    and ``metadata["subphrases"]``.
+
     ``encode_kwargs`` go to the pipeline call that encodes prompts (e.g. ``max_sequence_length``):
     they must match how the pipeline will be called, since the classifier reads that shape.
     """
@@ -192,6 +221,8 @@ def calibrate_cgce(
                             "pass a few hundred of each (pairs that differ only by the concept work best)")
     hp = _apply_overrides(dict(cgce.DEFAULTS), hyperparameters, "cgce", cgce.OPTIONAL_HYPERPARAMETERS)
     encode_kwargs = encode_kwargs or {}
+    if subphrases:
+        concept = with_subphrases(pipe, concept, subphrases, **encode_kwargs)
     unsafe = encode_conditioning(pipe, concept.forget, batch_size, progress, **encode_kwargs)
     safe = encode_conditioning(pipe, concept.retain, batch_size, progress, **encode_kwargs)
     phrases = concept_embedding(pipe, _phrases(concept), **encode_kwargs)
@@ -538,6 +569,7 @@ def calibrate_main(args: argparse.Namespace) -> int:
                                 "pass each one as --call KEY=VALUE, e.g. --call num_frames=49")
     call = parse_call_settings(getattr(args, "call", None) or [])
     anchor = anchor_from_args(args, concept)  # refused before the pipeline loads
+    subphrases = read_prompt_file(args.subphrases, "subphrases") if getattr(args, "subphrases", None) else None
     pipe = DiffusionPipeline.from_pretrained(args.model, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     call = check_call_settings(pipe, call)
@@ -546,7 +578,8 @@ def calibrate_main(args: argparse.Namespace) -> int:
         if len(used) < len(call):
             print(f"cgce: --call {', '.join(sorted(set(call) - set(used)))} not used (they steer denoising; CGCE "
                   "reads the conditioning the pipeline builds before its first denoiser call)", file=sys.stderr)
-        pack = calibrate_cgce(pipe, concept, progress=True, encode_kwargs=used, anchor=anchor, **overrides)
+        pack = calibrate_cgce(pipe, concept, progress=True, encode_kwargs=used, anchor=anchor, subphrases=subphrases,
+                              **overrides)
     else:
         used = call
         pack = calibrate_irece(pipe, concept, call_kwargs=used, **overrides)
