@@ -87,7 +87,7 @@ def tuned_cgce_hyperparameters() -> dict[str, Any]:
 
 def calibrate_packs(world: World, concepts: list[str], n_prompts: int, irece_hp: dict[str, Any] | None,
                     cache: Path | None = None, cgce_hp: dict[str, Any] | None = None, anchor_text: bool = False,
-                    detection_head: bool = False) -> dict[str, dict[str, ConceptPack]]:
+                    detection_head: bool = False, subphrases: bool = False) -> dict[str, dict[str, ConceptPack]]:
     """``{concept: {"cgce": pack, "irece": pack}}`` calibrated on training prompts (cached on disk).
 
     ``anchor_text``: CGCE packs of concepts whose family has a neutral value get it as ``anchor_text``
@@ -97,18 +97,22 @@ def calibrate_packs(world: World, concepts: list[str], n_prompts: int, irece_hp:
     ``detection_head``: CGCE packs get a separate detection head attending to the concept's training
     synonyms (``detect_phrases``, the keywords a user would list; ``results/cgce_detection_head/``);
     refinement keeps the single-head model.
+
+    ``subphrases``: CGCE calibration adds forget prompts with each multi-word training synonym cut to a
+    distinctive word (``calibrate_cgce(subphrases=World.train_synonyms(c))``;
+    ``results/cgce_subphrases/``). IRECE is calibrated on the same prompts either way.
     """
     out: dict[str, dict[str, ConceptPack]] = {}
     for c in concepts:
         concept = Concept(c, forget=world.train_prompts(c, n_prompts, seed=1),
                           retain=world.retain_prompts(c, n_prompts, seed=1), keywords=[c])
-        suffix = "-dethead" if detection_head else ""
+        suffix = ("-dethead" if detection_head else "") + ("-sub" if subphrases else "")
         path = cache / f"{c}-cgce-v2-{n_prompts}{suffix}" if cache else None  # v2: flat features + margin logits
         if path is not None and path.is_dir():
             cg = ConceptPack.from_pretrained(path)
         else:
             head = {"detect_phrases": world.train_synonyms(c)} if detection_head else {}
-            cg = calibrate_cgce(world.pipe, concept, **head)
+            cg = calibrate_cgce(world.pipe, concept, subphrases=world.train_synonyms(c) if subphrases else None, **head)
             if path is not None:
                 cg.save_pretrained(path)
         if cgce_hp and cgce_hp.get("negative_guidance") and "negative_embedding" not in cg.tensors:

@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="override a tuned CGCE hyperparameter for this run (JSON value), e.g. margin=1.5")
     p.add_argument("--cgce-no-anchor-text", action="store_true",
                    help="CGCE without anchor text (style concepts otherwise name 'with a plain fill' instead)")
+    p.add_argument("--cgce-no-subphrases", action="store_true",
+                   help="CGCE calibrated without sub-phrase augmentation (the s13b configuration; adopted in "
+                        "results/cgce_subphrases/DECISION.md)")
     p.add_argument("--cgce-detection-head", action="store_true",
                    help="CGCE packs with a separate detection head attending to the concept's training synonyms")
     p.add_argument("--quick", action="store_true", help="few images/steps (CI smoke)")
@@ -102,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.overhead_only:
             packs = de.calibrate_packs(world, concepts[:1], args.calibration_prompts, hp, cache, cgce_hp,
                                        anchor_text=not args.cgce_no_anchor_text,
-                                       detection_head=args.cgce_detection_head)
+                                       detection_head=args.cgce_detection_head,
+                                       subphrases=not args.cgce_no_subphrases)
             overhead = de.measure_overhead(world, packs, concepts[0], 2 if args.quick else args.overhead_reps)
             overhead["seconds"] = round(time.time() - t0, 1)
             (out / "overhead.json").write_text(json.dumps(overhead, indent=2) + "\n")
@@ -113,12 +117,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         packs = de.calibrate_packs(world, concepts, args.calibration_prompts, hp, cache, cgce_hp,
                                    anchor_text=not args.cgce_no_anchor_text,
-                                   detection_head=args.cgce_detection_head)
+                                   detection_head=args.cgce_detection_head,
+                                   subphrases=not args.cgce_no_subphrases)
         results = de.evaluate(world, packs, concepts, out, args.quick)
         overhead = de.measure_overhead(world, packs, concepts[0], 2 if args.quick else args.overhead_reps)
         report = {"concepts": concepts, "irece_hyperparameters": hp, "cgce_hyperparameters": cgce_hp,
                   "cgce_anchor_texts": {c: p["cgce"].hyperparameters.get("anchor_text") for c, p in packs.items()},
                   "cgce_detection_head": args.cgce_detection_head,
+                  "cgce_subphrases": {c: p["cgce"].concept.metadata.get("subphrases") for c, p in packs.items()},
                   "results": results, "overhead": overhead, "seconds": round(time.time() - t0, 1)}
         report["acceptance"] = de.acceptance(results, overhead)
     (out / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")

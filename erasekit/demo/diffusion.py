@@ -62,7 +62,7 @@ def run(report) -> None:  # noqa: ANN001 - DemoReport
                    f"{world.height}x{world.width} images; tuned CGCE {cgce_hp or 'defaults'}, "
                    f"IRECE {irece_hp or 'defaults'} (benchmarks/diffusion_erasure/irece_tuned.json).")
         packs = calibrate_packs(world, list(DEMO_CONCEPTS), CALIBRATION_PROMPTS, irece_hp, cgce_hp=cgce_hp,
-                                anchor_text=True)  # as the benchmark (style concepts only)
+                                anchor_text=True, subphrases=True)  # as the benchmark (anchor: styles only)
         rows = []
         for concept in DEMO_CONCEPTS:
             cg, ir = packs[concept]["cgce"], packs[concept]["irece"]
