@@ -34,7 +34,8 @@ def packs(world):
         tuned_irece_hyperparameters,
     )
 
-    p = calibrate_packs(world, [CONCEPT], 300, tuned_irece_hyperparameters(), cgce_hp=tuned_cgce_hyperparameters())
+    p = calibrate_packs(world, [CONCEPT], 300, tuned_irece_hyperparameters(), cgce_hp=tuned_cgce_hyperparameters(),
+                        subphrases=True)  # the benchmark's configuration
     return p[CONCEPT]["cgce"], p[CONCEPT]["irece"]
 
 

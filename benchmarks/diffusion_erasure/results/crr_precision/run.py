@@ -1,6 +1,8 @@
 # ruff: noqa
 """The adopted CGCE configuration (s13b) on 8 fresh draws per concept: direct and paraphrase CRR with
-bootstrap intervals (README.md). Usage: ``PYTHONPATH=. python .../crr_precision/run.py [DRAWS]``."""
+bootstrap intervals (README.md). Usage: ``PYTHONPATH=. python .../crr_precision/run.py [DRAWS]``.
+Another run's packs: ``PACKS=bench_out/diffusion-erasure-s15/packs SUFFIX=-sub TAG=_s15`` (writes
+``crr_precision_s15.{json,md}``)."""
 import json, os, sys, time
 os.environ.setdefault("HF_HUB_OFFLINE", "1"); os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from pathlib import Path
@@ -15,6 +17,8 @@ from erasekit.integrations.diffusers import guard
 from erasekit.testing.diffusion_world import load_world
 
 DRAWS = int(sys.argv[1]) if len(sys.argv) > 1 else 8
+PACKS = os.environ.get("PACKS", "bench_out/diffusion-erasure-s13b/packs")
+SUFFIX, TAG = os.environ.get("SUFFIX", ""), os.environ.get("TAG", "")
 N, ATTACKS = 12, ("direct", "paraphrase")
 t0 = time.time()
 with de.quiet_libraries():
@@ -22,7 +26,7 @@ with de.quiet_libraries():
     hp = de.tuned_cgce_hyperparameters()
     found: dict = {}
     for ci, c in enumerate(de.EVAL_CONCEPTS):
-        pack = de.with_hyperparameters(ConceptPack.from_pretrained(REPO / f"bench_out/diffusion-erasure-s13b/packs/{c}-cgce-v2-300"), **hp)
+        pack = de.with_hyperparameters(ConceptPack.from_pretrained(REPO / PACKS / f"{c}-cgce-v2-300{SUFFIX}"), **hp)
         if (text := W.anchor_text(c)):
             pack = de.with_hyperparameters(pack, anchor_text=text)
         spec = {"direct": W.direct_specs, "paraphrase": W.heldout_specs}
@@ -44,16 +48,16 @@ def summary(attack, arm):
     boots = [np.mean([rng.choice(v, len(v)).mean() for v in per.values()]) for _ in range(2000)]
     return {"per_concept": {c: float(v.mean()) for c, v in per.items()}, "mean": float(np.mean([v.mean() for v in per.values()])),
             "ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))], "n_per_concept": len(next(iter(per.values())))}
-res = {"draws": DRAWS, "prompts_per_draw": N, "hp": hp, "seconds": round(time.time() - t0, 1),
+res = {"packs": f"{PACKS}/*-cgce-v2-300{SUFFIX}", "draws": DRAWS, "prompts_per_draw": N, "hp": hp, "seconds": round(time.time() - t0, 1),
        "crr": {a: {arm: summary(a, arm) for arm in ("unguarded", "cgce")} for a in ATTACKS}}
 out = Path(__file__).parent
-(out / "crr_precision.json").write_text(json.dumps(res, indent=1) + "\n")
-lines = [f"CRR % on {DRAWS} fresh draws x {N} prompts per concept (seed 1000 i + 100000 k), adopted CGCE configuration (s13b packs, anchor text on styles)", "",
+(out / f"crr_precision{TAG}.json").write_text(json.dumps(res, indent=1) + "\n")
+lines = [f"CRR % on {DRAWS} fresh draws x {N} prompts per concept (seed 1000 i + 100000 k), CGCE packs {PACKS}/*-cgce-v2-300{SUFFIX} with anchor text on styles", "",
          "| attack | arm | " + " | ".join(de.EVAL_CONCEPTS) + " | mean | 95 % bootstrap |", "|---|---|" + "---|" * (len(de.EVAL_CONCEPTS) + 2)]
 for a in ATTACKS:
     for arm in ("unguarded", "cgce"):
         s = res["crr"][a][arm]
         lines.append(f"| {a} | {arm} | " + " | ".join(f"{100 * s['per_concept'][c]:.1f}" for c in de.EVAL_CONCEPTS)
                      + f" | **{100 * s['mean']:.1f}** | {100 * s['ci95'][0]:.1f}-{100 * s['ci95'][1]:.1f} |")
-(out / "crr_precision.md").write_text("\n".join(lines) + "\n")
+(out / f"crr_precision{TAG}.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
