@@ -100,17 +100,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _add_pair_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``--templates/--phrases/--contrasts/--pairs`` options shared by ``calibrate`` and ``pairs``."""
     parser.add_argument("--templates", default=None, metavar="FILE",
-                     help="text file, one template per line with one {concept} slot, e.g. 'a photo of {concept}': "
-                          "forget/retain prompts are made as minimal pairs from it, --phrases and --contrasts "
-                          "(calibrate adds them after the --forget/--retain prompts when those are given too)")
+                        help="text file, one template per line with one {concept} slot, e.g. 'a photo of {concept}': "
+                             "forget/retain prompts are made as minimal pairs from it, --phrases and --contrasts "
+                             "(calibrate adds them after the --forget/--retain prompts when those are given too)")
     parser.add_argument("--phrases", default=None, metavar="FILE",
-                     help="with --templates: text file, one phrasing of the concept per line, e.g. 'a five-pointed star'")
+                        help="with --templates: text file, one phrasing of the concept per line, e.g. 'a five-pointed star'")
     parser.add_argument("--contrasts", default=None, metavar="FILE",
-                     help="with --templates: text file, one phrasing per line of what fills the slot in the retain "
-                          "prompt instead, e.g. 'a circle'")
+                        help="with --templates: text file, one phrasing per line of what fills the slot in the retain "
+                             "prompt instead, e.g. 'a circle'")
     parser.add_argument("--pairs", type=int, default=None, metavar="N",
-                     help="with --templates: draw N distinct (template, phrase, contrast) pairs (default: every "
-                          "template with every phrase once)")
+                        help="with --templates: draw N distinct (template, phrase, contrast) pairs (default: every "
+                             "template with every phrase once)")
     parser.add_argument("--pairs-seed", type=int, default=0, metavar="SEED", help="seed for drawing/dealing the pairs")
 
 
