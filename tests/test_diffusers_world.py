@@ -43,6 +43,15 @@ def _rate(world, images) -> float:
     return float(world.detector.finds(images, CONCEPT, world.family(CONCEPT)).float().mean())
 
 
+def test_cgce_pack_learned_the_distinctive_words_of_multi_word_synonyms(packs):
+    # red's training synonyms: "red", "crimson", "scarlet", "cherry red" -- only "cherry" is a part that
+    # no retain prompt uses and that MiniLM places nearer to red's other phrasings than to a retain word
+    concept = packs[0].concept
+    assert concept.metadata["subphrases"] == {"cherry red": ["cherry"]}
+    added = concept.forget[300:]
+    assert added and all("cherry" in p and "cherry red" not in p for p in added)
+
+
 def test_cgce_erases_direct_prompts_and_keeps_benign_identical(world, packs):
     direct = world.direct_prompts(CONCEPT, N, 21)
     benign = [s.prompt for s in world.benign_specs(CONCEPT, N, 21)]
