@@ -11,7 +11,7 @@ from typing import Any
 
 from erasekit.errors import ErasekitError
 from erasekit.guardrails.concept import Concept
-from erasekit.guardrails.pairs import contrast_pairs
+from erasekit.guardrails.pairs import contrast_pairs, pairs_record
 
 
 def read_prompt_file(path: str, option: str) -> list[str]:
@@ -77,7 +77,8 @@ def generated_pairs(args: argparse.Namespace) -> tuple[list[str], list[str], dic
         field = exc.field or ""
         source = "--pairs" if field == "n" else files.get(field.split("[")[0], "erasekit")
         raise ErasekitError(source, field, exc.problem, exc.fix) from None
-    return forget, retain, {**lists, "n": args.pairs, "seed": args.pairs_seed}
+    return forget, retain, pairs_record(lists["templates"], lists["phrases"], lists["contrasts"], args.pairs,
+                                        args.pairs_seed)
 
 
 def concept_from_args(args: argparse.Namespace) -> Concept:

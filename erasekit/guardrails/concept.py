@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from erasekit.errors import ErasekitError
-from erasekit.guardrails.pairs import contrast_pairs
+from erasekit.guardrails.pairs import contrast_pairs, pairs_record
 
 #: Concept names travel in request parameters, file names and metric labels, so they are
 #: restricted to a safe alphabet. They must start with a letter or digit: a leading ``-`` or
@@ -90,10 +90,8 @@ class Concept:
         :func:`~erasekit.guardrails.pairs.contrast_pairs`); how they were made is kept in ``metadata["pairs"]``,
         so a pack's manifest records it."""
         forget, retain = contrast_pairs(templates, phrases, contrasts, n=n, seed=seed)
-        made = {"templates": list(templates), "phrases": list(phrases), "contrasts": list(contrasts), "n": n,
-                "seed": seed}
         return cls(name=name, forget=forget, retain=retain, target=target, keywords=keywords,
-                   metadata={**(metadata or {}), "pairs": made})
+                   metadata={**(metadata or {}), "pairs": pairs_record(templates, phrases, contrasts, n, seed)})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Concept:

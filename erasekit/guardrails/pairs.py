@@ -21,7 +21,8 @@ import numpy as np
 
 from erasekit.errors import ErasekitError
 
-__all__ = ["SLOT", "FUNCTION_WORDS", "contrast_pairs", "distinctive_subwords", "subphrase_prompts", "words"]
+__all__ = ["SLOT", "FUNCTION_WORDS", "contrast_pairs", "distinctive_subwords", "pairs_record", "subphrase_prompts",
+           "words"]
 
 #: the placeholder a template must contain exactly once
 SLOT = "concept"
@@ -89,6 +90,12 @@ def contrast_pairs(templates: Sequence[str], phrases: Sequence[str], contrasts: 
     return forget, retain
 
 
+def pairs_record(templates: Sequence[str], phrases: Sequence[str], contrasts: Sequence[str], n: int | None,
+                 seed: int) -> dict[str, object]:
+    """How :func:`contrast_pairs` was called, as a concept's ``metadata["pairs"]`` records it (API and CLI alike)."""
+    return {"templates": list(templates), "phrases": list(phrases), "contrasts": list(contrasts), "n": n, "seed": seed}
+
+
 def words(text: str) -> list[str]:
     """Lower-case words of ``text``; hyphenated words stay whole ("five-pointed")."""
     return re.findall(r"[\w'-]+", text.lower())
@@ -122,11 +129,12 @@ def distinctive_subwords(phrases: Sequence[str], retain: Sequence[str],
     phrase_vecs = vectors[:len(phrases)]
     retain_vecs = vectors[len(phrases):len(phrases) + len(retain_words)]
     word_vecs = dict(zip(pool, vectors[len(phrases) + len(retain_words):], strict=True))
+    phrase_words = [set(words(p)) for p in phrases]
     kept: dict[str, list[str]] = {}
     for phrase, ws in candidates.items():
         good = []
         for w in ws:
-            others = [i for i, p in enumerate(phrases) if w not in words(p)]
+            others = [i for i, pw in enumerate(phrase_words) if w not in pw]
             nearest_own = max((float(phrase_vecs[i] @ word_vecs[w]) for i in others), default=-1.0)
             nearest_retain = float((retain_vecs @ word_vecs[w]).max()) if len(retain_vecs) else -1.0
             if nearest_own > nearest_retain:
