@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from erasekit.errors import ErasekitError, PackError
-from erasekit.integrations.diffusers import _append, guard
+from erasekit.integrations.diffusers import HOOK_NAME, _append, guard
 from erasekit.integrations.diffusers_calibrate import calibrate_cgce
 from erasekit.testing.diffusion_world.scenes import neutral_anchor_text
 from tests._irece import red_concept
@@ -62,8 +62,53 @@ def test_anchor_text_changes_the_flagged_image_only(pipe, pack):
 def test_images_per_prompt_map_rows_onto_their_prompt(pipe, pack):
     _, cond, report = _run(pipe, _with(pack, anchor_text="green", max_steps=0), [BLUE, RED], num_images_per_prompt=2)
     assert report.anchored == {"red": [6, 7]}  # CFG rows: 4 uncond, then BLUE, BLUE, RED, RED
-    expected = _encode(pipe, [BLUE, BLUE, RED + " green", RED + " green"])[2]
+    expected = _encode(pipe, [BLUE, RED + " green"])[1]  # once per prompt, as the pipeline encodes
     assert torch.equal(cond[6], expected) and torch.equal(cond[7], expected)
+
+
+def test_re_encoding_runs_once_per_prompt_not_per_image(pipe, pack, monkeypatch):
+    seen: list[list[str]] = []
+    original = pipe.encode_prompt
+
+    @functools.wraps(original)  # the guard reads encode_prompt's signature
+    def spy(*args, **kwargs):
+        seen.append(list(kwargs.get("prompt") or args[0]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipe, "encode_prompt", spy)
+    _, _, report = _run(pipe, _with(pack, anchor_text="green", max_steps=0), [BLUE, RED], num_images_per_prompt=3)
+    assert report.anchored == {"red": [9, 10, 11]}
+    assert seen[-1] == [BLUE, RED + " green"]
+
+
+def test_anchor_text_dtype_runs_the_re_encoding_in_that_precision(pipe, pack):
+    anchored = _with(pack, anchor_text="green", max_steps=0)
+    _, cond, report = guarded_first_conditioning(pipe, [anchored], [RED, BLUE], ["red"],
+                                                 guard_kwargs={"anchor_text_dtype": "bfloat16"})
+    assert report.anchored == {"red": [2]}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = _encode(pipe, [RED + " green", BLUE])
+    assert cond.dtype == torch.float32 and torch.equal(cond[2], low[0].float())
+    exact = _encode(pipe, [RED + " green", BLUE])[0]
+    assert not torch.equal(cond[2], exact)
+    torch.testing.assert_close(cond[2], exact, atol=0.1, rtol=0.05)  # bf16 rounding, not another prompt
+    assert torch.equal(cond[3], _encode(pipe, [RED, BLUE])[1])  # benign rows: the pipeline's own encoding
+
+
+def test_anchor_text_dtype_leaves_benign_calls_bit_identical(pipe, pack):
+    baseline = pipe([BLUE, BLUE], generator=_gen(), **KW).images
+    with guard(pipe, [_with(pack, anchor_text="green")], anchor_text_dtype=torch.bfloat16) as g:
+        out = g([BLUE, BLUE], generator=_gen(), erase=["red"], **KW).images
+        assert g.last_report.anchored == {}
+    assert torch.equal(out, baseline)
+
+
+@pytest.mark.parametrize("value", ["bf16", torch.int8, 16])
+def test_bad_anchor_text_dtype_refused_naming_the_field(pipe, pack, value):
+    with pytest.raises(ErasekitError, match="anchor_text_dtype"):
+        guard(pipe, [pack], anchor_text_dtype=value)
+    registry = getattr(pipe.unet, "_diffusers_hook", None)
+    assert registry is None or registry.get_hook(HOOK_NAME) is None  # refused before anything attached
 
 
 def test_anchored_row_does_not_depend_on_which_neighbours_are_flagged(pipe, pack):

@@ -40,10 +40,10 @@ def first_conditioning(pipe) -> Iterator[list[torch.Tensor]]:
         handle.remove()
 
 
-def guarded_first_conditioning(pipe, packs, prompts, erase, **kwargs):
+def guarded_first_conditioning(pipe, packs, prompts, erase, guard_kwargs=None, **kwargs):
     """Images, the conditioning the first cross-attention received at the first step, and the report,
     for one guarded call (the tests' sampling settings ``KW``, overridden by ``kwargs``)."""
-    with first_conditioning(pipe) as seen, guard(pipe, packs) as g:
+    with first_conditioning(pipe) as seen, guard(pipe, packs, **(guard_kwargs or {})) as g:
         images = g(prompts, generator=_gen(), erase=erase, **{**KW, **kwargs}).images
         report = g.last_report
     return images, seen[0], report

@@ -268,9 +268,9 @@ class _CallState:
         #: images in a pipeline call's batch (set by ``DiffusersGuard.__call__``; None in ``erasing()`` blocks,
         #: where the batch layout is the caller's): CGCE negative guidance needs the [uncond, cond] split
         self.call_images: int | None = None
-        #: the call's text prompts per image row (``prompt``, and ``prompt_2``/``prompt_3`` where given), for
-        #: ``anchor_text``; empty when the call gave no text
-        self.prompt_rows: dict[str, list[str]] = {}
+        #: the call's text prompts, one per prompt (``prompt``, and ``prompt_2``/``prompt_3`` where given),
+        #: for ``anchor_text``; empty when the call gave no text
+        self.prompt_texts: dict[str, list[str]] = {}
         #: the call's options that shape ``encode_prompt``'s output (``clip_skip``, ``max_sequence_length``,
         #: ``lora_scale``)
         self.encode_kwargs: dict[str, Any] = {}
@@ -463,8 +463,8 @@ _ENCODE_OPTIONS = ("clip_skip", "max_sequence_length")
 _ATTENTION_KWARGS = ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs")
 
 
-def _prompt_rows(args: tuple, kwargs: dict, num_prompts: int | None, images_per_prompt: int) -> dict[str, list[str]]:
-    """The call's text prompts (``prompt`` and, where given, ``prompt_2``/``prompt_3``) per image row."""
+def _prompt_texts(args: tuple, kwargs: dict, num_prompts: int | None) -> dict[str, list[str]]:
+    """The call's text prompts (``prompt`` and, where given, ``prompt_2``/``prompt_3``), one per prompt."""
     prompt = kwargs.get("prompt", args[0] if args else None)
     if not num_prompts or not (isinstance(prompt, str) or (isinstance(prompt, list)
                                                               and all(isinstance(p, str) for p in prompt))):
@@ -474,11 +474,7 @@ def _prompt_rows(args: tuple, kwargs: dict, num_prompts: int | None, images_per_
         value = kwargs.get(key)
         if isinstance(value, str) or (isinstance(value, list) and len(value) == num_prompts):
             fields[key] = value
-    rows = {}
-    for key, value in fields.items():
-        texts = [value] * num_prompts if isinstance(value, str) else list(value)
-        rows[key] = [t for t in texts for _ in range(images_per_prompt)]
-    return rows
+    return {key: [value] * num_prompts if isinstance(value, str) else list(value) for key, value in fields.items()}
 
 
 def _append(prompt: str, texts: list[str]) -> str:
@@ -486,6 +482,19 @@ def _append(prompt: str, texts: list[str]) -> str:
     for text in texts:
         prompt = prompt + (text if text[:1] in " ,.;:" else " " + text)
     return prompt
+
+
+_ANCHOR_TEXT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _anchor_text_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+    if value is None:
+        return None
+    dtype = _ANCHOR_TEXT_DTYPES.get(value) if isinstance(value, str) else value
+    if dtype not in _ANCHOR_TEXT_DTYPES.values():
+        raise ErasekitError("guard", "anchor_text_dtype", f"unsupported precision {value!r}",
+                            f"pass None (the pipeline's own) or one of {', '.join(_ANCHOR_TEXT_DTYPES)}")
+    return dtype
 
 
 class DiffusersGuard:
@@ -496,6 +505,11 @@ class DiffusersGuard:
         packs: ``cgce`` and/or ``irece`` packs (objects or directories) for this pipeline.
         policy: which concepts are mandatory; by default every pack's concept is optional.
         mandatory: shortcut to mark concepts mandatory without writing a policy.
+        anchor_text_dtype: precision the text encoder runs in (under ``torch.autocast``) when
+            ``anchor_text`` re-encodes flagged prompts; ``None`` (default) runs the pipeline's own.
+            The re-encoding is one text-encoder pass per flagged call, which refinement then moves far
+            more than bf16 rounding does: ``"bfloat16"`` halves its cost on CPUs with native bf16
+            (a float32 pipeline on CPU is where that pass weighs most). Benign calls never re-encode.
 
     ``guard(prompt, erase=[...])`` erases the listed concepts (plus the mandatory ones) for every
     prompt; ``erase=[[...], [...]]`` gives one list per prompt. Use as a context manager to
@@ -508,8 +522,10 @@ class DiffusersGuard:
         packs: Sequence[ConceptPack | str | Path] = (),
         policy: Policy | None = None,
         mandatory: Sequence[str] = (),
+        anchor_text_dtype: torch.dtype | str | None = None,
     ) -> None:
         self.pipe = pipe
+        self.anchor_text_dtype = _anchor_text_dtype(anchor_text_dtype)
         self._lock = threading.RLock()
         self._local = threading.local()  # each thread sees only its own calls/blocks
         self._attached = False
@@ -762,7 +778,7 @@ class DiffusersGuard:
                                 "pass one erase list for all prompts, or call once per prompt")
         state = _CallState(per_prompt, broadcast, int(n_images) if per_prompt is not None else 1)
         state.call_images = num_prompts * int(n_images) if num_prompts else None
-        state.prompt_rows = _prompt_rows(args, kwargs, num_prompts, int(n_images))
+        state.prompt_texts = _prompt_texts(args, kwargs, num_prompts)
         state.encode_kwargs = {k: kwargs[k] for k in _ENCODE_OPTIONS if kwargs.get(k) is not None}
         lora = next((kwargs[k] for k in _ATTENTION_KWARGS if isinstance(kwargs.get(k), dict)), {}).get("scale")
         if lora is not None:  # the pipeline scales text-encoder LoRA layers by it when it encodes
@@ -858,16 +874,16 @@ class DiffusersGuard:
         Only rows that map onto the call's text prompts change: the conditional half under CFG, every
         row without it. A row flagged for several anchored concepts gets all their texts, in concept
         order. Unconditional rows (a negative prompt naming the concept) are left to refinement.
-        Costs one text-encoder pass over the call's prompts, only in calls where a row is flagged for
-        an anchored concept.
+        Costs one text-encoder pass over the call's prompts (once per prompt, as the pipeline encodes,
+        not once per image), only in calls where a row is flagged for an anchored concept.
         """
         images = state.call_images
         cfg = self._cfg_images(state, embeds)
-        if not state.prompt_rows or not images or (cfg is None and embeds.shape[0] != images):
+        if not state.prompt_texts or not images or (cfg is None and embeds.shape[0] != images):
             state.report.anchor_text_skipped = sorted({name for name, _, _ in anchors})
             return embeds  # no text for these rows (prompt_embeds, erasing()) or a batch layout of the caller's
         offset = images if cfg is not None else 0
-        texts: dict[int, list[str]] = {}
+        texts: dict[int, list[str]] = {}  # image row -> anchor texts
         for name, text, flagged in anchors:
             rows = torch.nonzero(flagged[offset:offset + images]).flatten().tolist()
             for row in rows:
@@ -877,15 +893,25 @@ class DiffusersGuard:
                 state.report.anchored[name] = [offset + r for r in rows]
         if not texts:
             return embeds
-        # Every prompt row of the call is re-encoded (flagged ones with their anchor texts), so a flagged
-        # row's conditioning does not depend on how many neighbours were flagged (matmul results can
-        # change with the batch size); only the flagged rows are used.
-        fields = {key: [_append(p, texts.get(r, [])) for r, p in enumerate(prompts)]
-                  for key, prompts in state.prompt_rows.items()}
-        encoded = self._encode_prompts(state, fields, embeds)
+        prompts = len(next(iter(state.prompt_texts.values())))
+        per_prompt = images // prompts
+        # One row per prompt: a prompt's images share its erase list and its conditioning, hence its
+        # anchor texts. Every prompt is encoded (flagged ones with their anchor texts), so a flagged row's
+        # conditioning does not depend on how many neighbours were flagged (matmul results can change with
+        # the batch size); only the flagged rows are used. Should a prompt's images ever disagree, each
+        # image row is encoded instead.
+        by_prompt = [texts.get(p * per_prompt, []) for p in range(prompts)]
+        if all(texts.get(r, []) == by_prompt[r // per_prompt] for r in range(images)):
+            row_of, row_texts = (lambda r: r // per_prompt), by_prompt
+            fields = state.prompt_texts
+        else:
+            row_of, row_texts = (lambda r: r), [texts.get(r, []) for r in range(images)]
+            fields = {key: [t for t in values for _ in range(per_prompt)] for key, values in state.prompt_texts.items()}
+        encoded = self._encode_prompts(state, {key: [_append(p, row_texts[i]) for i, p in enumerate(values)]
+                                               for key, values in fields.items()}, embeds)
         rows = sorted(texts)
         out = embeds.clone()
-        out[torch.tensor(rows, device=embeds.device) + offset] = encoded[rows]
+        out[torch.tensor(rows, device=embeds.device) + offset] = encoded[[row_of(r) for r in rows]]
         return out
 
     def _encode_prompts(self, state: _CallState, fields: dict[str, list[str]], like: torch.Tensor) -> torch.Tensor:
@@ -902,7 +928,7 @@ class DiffusersGuard:
         optional = {"device": like.device, "num_images_per_prompt": 1, "num_videos_per_prompt": 1,
                     "do_classifier_free_guidance": False, **state.encode_kwargs}
         kwargs.update({k: v for k, v in optional.items() if k in params})
-        with torch.no_grad():
+        with torch.no_grad(), self._reencode_precision(like.device):
             result = encode(**kwargs)
         encoded = result[0] if isinstance(result, tuple) else result
         if tuple(encoded.shape[1:]) != tuple(like.shape[1:]):
@@ -910,6 +936,12 @@ class DiffusersGuard:
                                 f"pipeline conditions on {list(like.shape)}",
                                 "call the pipeline with prompt= and its default encoding options, or drop anchor_text")
         return encoded.to(like.device, like.dtype)
+
+    def _reencode_precision(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+        """Autocast to ``anchor_text_dtype`` for the re-encoding, or nothing (the pipeline's own precision)."""
+        if self.anchor_text_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.anchor_text_dtype)
 
     def _cfg_images(self, state: _CallState, out: torch.Tensor) -> int | None:
         """Images of a pipeline call whose conditioning ``out`` is CFG's ``[uncond, cond]`` batch, else None
@@ -1121,8 +1153,11 @@ def guard(
     packs: Sequence[ConceptPack | str | Path] | None = (),
     policy: Policy | str | Path | None = None,
     mandatory: Sequence[str] = (),
+    anchor_text_dtype: torch.dtype | str | None = None,
 ) -> DiffusersGuard:
-    """Guard ``pipe`` with ``packs``; ``policy`` may be a :class:`Policy` or a YAML/JSON file."""
+    """Guard ``pipe`` with ``packs``; ``policy`` may be a :class:`Policy` or a YAML/JSON file.
+    ``anchor_text_dtype``: see :class:`DiffusersGuard`."""
     if isinstance(policy, str | Path):
         policy = Policy.from_file(policy)
-    return DiffusersGuard(pipe, packs=packs or (), policy=policy, mandatory=mandatory)
+    return DiffusersGuard(pipe, packs=packs or (), policy=policy, mandatory=mandatory,
+                          anchor_text_dtype=anchor_text_dtype)
