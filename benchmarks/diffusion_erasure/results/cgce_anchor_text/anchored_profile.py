@@ -1,12 +1,14 @@
 # ruff: noqa
 """Where the anchored flagged call's extra time goes (world, "dots", 4 flagged prompts, 1 thread; 25 paired calls,
 the first 5 dropped): whole-call medians and the median ms of the guard's anchor re-encode, its refinement and
-the text encoder's forward. Usage: ``PYTHONPATH=. python benchmarks/diffusion_erasure/results/cgce_anchor_text/anchored_profile.py [PACKS_DIR] [SUFFIX]``
-(default: the s15 run's packs, ``-sub``). Writes ``anchored_profile.json`` beside this file."""
+the text encoder's forward. Usage: ``PYTHONPATH=. python benchmarks/diffusion_erasure/results/cgce_anchor_text/anchored_profile.py [PACKS_DIR] [SUFFIX] [DTYPE]``
+(default: the s15 run's packs, ``-sub``; DTYPE: the guard's ``anchor_text_dtype``, default the pipeline's own).
+Writes ``anchored_profile.json`` (``anchored_profile_DTYPE.json`` with DTYPE) beside this file."""
 import sys, pathlib
 import time, statistics, json, torch
 PACKS = sys.argv[1] if len(sys.argv) > 1 else "bench_out/diffusion-erasure-s15/packs"
 SUFFIX = sys.argv[2] if len(sys.argv) > 2 else "-sub"
+DTYPE = sys.argv[3] if len(sys.argv) > 3 else None
 torch.set_num_threads(1)
 from benchmarks import diffusion_erasure as de
 from erasekit.guardrails.pack import ConceptPack
@@ -31,7 +33,7 @@ with de.quiet_libraries():
     pack = de.with_hyperparameters(ConceptPack.from_pretrained(f"{PACKS}/dots-cgce-v2-300{SUFFIX}"),
                                    **de.tuned_cgce_hyperparameters(), anchor_text=w.anchor_text("dots"))
     flagged = w.direct_prompts("dots", 4, 3)
-    g = guard(w.pipe, [pack])
+    g = guard(w.pipe, [pack], anchor_text_dtype=DTYPE)
     calls = {"base": [], "guard": []}
     for r in range(25):
         for k in ("base", "guard"):
@@ -43,6 +45,6 @@ with de.quiet_libraries():
 med = {k: statistics.median(v[5:]) for k, v in calls.items()}
 res = ({"call_median_s": med, "overhead": med["guard"] / med["base"] - 1,
                   "ms_median": {k: 1e3 * statistics.median(v) for k, v in T.items()},
-                  "counts": {k: len(v) for k, v in T.items()}, "packs": f"{PACKS}/dots-cgce-v2-300{SUFFIX}"})
-(pathlib.Path(__file__).parent / "anchored_profile.json").write_text(json.dumps(res, indent=1) + "\n")
+                  "counts": {k: len(v) for k, v in T.items()}, "packs": f"{PACKS}/dots-cgce-v2-300{SUFFIX}", "anchor_text_dtype": DTYPE})
+(pathlib.Path(__file__).parent / f"anchored_profile{'_' + DTYPE if DTYPE else ''}.json").write_text(json.dumps(res, indent=1) + "\n")
 print(json.dumps(res, indent=1))
