@@ -354,7 +354,7 @@ def _time(fn: Any, reps: int) -> list[float]:
 
 
 def measure_overhead(world: World, packs: dict[str, dict[str, ConceptPack]], concept: str, reps: int,
-                     batch: int = 4) -> dict[str, Any]:
+                     batch: int = 4, guard_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Added latency guarded vs unguarded (benign and flagged prompts) and ONNX detection time.
 
     Unguarded and guarded runs alternate within one process so CPU contention from other jobs
@@ -363,14 +363,17 @@ def measure_overhead(world: World, packs: dict[str, dict[str, ConceptPack]], con
     *paired* ratio guarded / unguarded - 1 (each pair ran back to back): on two shared cores the
     ratio of two separate medians moved by +-2.5 % between identical calls at 7 repetitions,
     more than the 1 % it is meant to resolve. The ratio of medians is kept as ``*_ratio_of_medians``.
+    ``guard_options``: extra :func:`guard` arguments (``anchor_text_dtype``).
     """
     benign = [s.prompt for s in world.benign_specs(concept, batch, 3)]
     flagged = world.direct_prompts(concept, batch, 3)
+    options = guard_options or {}
     result: dict[str, Any] = {"concept": concept, "reps": reps, "batch": batch,
-                              "threads": torch.get_num_threads()}
+                              "threads": torch.get_num_threads(), "guard_options": options,
+                              "anchor_text": packs[concept]["cgce"].hyperparameters.get("anchor_text")}
     p = packs[concept]
     for name, plist in (("cgce", [p["cgce"]]), ("cgce+irece", [p["cgce"], p["irece"]])):
-        g = guard(world.pipe, plist)
+        g = guard(world.pipe, plist, **options)
         try:
             times: dict[str, list[float]] = {k: [] for k in ("base_benign", "guard_benign", "base_flagged",
                                                              "guard_flagged")}
@@ -428,15 +431,16 @@ def _onnx_latency_at_real_shapes(reps: int = 1000) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------- the full run
 def evaluate(world: World, packs: dict[str, dict[str, ConceptPack]], concepts: list[str], out: Path,
-             quick: bool) -> dict[str, Any]:
-    """run_benchmark for CGCE and CGCE+IRECE on ``concepts``; returns both result dicts."""
+             quick: bool, guard_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """run_benchmark for CGCE and CGCE+IRECE on ``concepts``; returns both result dicts.
+    ``guard_options``: extra :func:`guard` arguments (``anchor_text_dtype``)."""
     results = {}
     for name, methods in (("cgce", ("cgce",)), ("cgce+irece", ("cgce", "irece"))):
         plist = [packs[c][m] for c in concepts for m in methods]
         made: list = []
 
         def factory(pipe: Any, plist: list = plist, made: list = made) -> Any:
-            made.append(guard(pipe, plist))
+            made.append(guard(pipe, plist, **(guard_options or {})))
             return made[-1]
 
         try:
@@ -447,8 +451,16 @@ def evaluate(world: World, packs: dict[str, dict[str, ConceptPack]], concepts: l
     return results
 
 
-def acceptance(results: dict[str, Any], overhead: dict[str, Any] | None) -> dict[str, Any]:
-    """The issue's acceptance numbers, computed from the measured results."""
+def anchored_concept(packs: dict[str, dict[str, ConceptPack]], concepts: list[str]) -> str | None:
+    """The first of ``concepts`` whose CGCE pack re-encodes flagged prompts (``anchor_text``): its flagged
+    calls cost the most, so the run times one beside its first concept."""
+    return next((c for c in concepts if packs[c]["cgce"].hyperparameters.get("anchor_text")), None)
+
+
+def acceptance(results: dict[str, Any], overhead: dict[str, Any] | None,
+               overhead_anchored: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The issue's acceptance numbers, computed from the measured results.
+    ``overhead_anchored``: the same timing on an anchored concept; its rows are reported beside the others."""
     cg, ci = results["cgce"], results["cgce+irece"]
     s_cg, s_ci = cg["summary_crr"], ci["summary_crr"]
     rel = {}
@@ -468,6 +480,12 @@ def acceptance(results: dict[str, Any], overhead: dict[str, Any] | None) -> dict
     if overhead:
         out["overhead"] = {k: {"benign": overhead[k]["benign_overhead"], "flagged": overhead[k]["flagged_overhead"]}
                            for k in ("cgce", "cgce+irece")}
+        out["overhead_concept"] = overhead["concept"]
+    if overhead_anchored:
+        out["overhead_anchored"] = {k: {"benign": overhead_anchored[k]["benign_overhead"],
+                                        "flagged": overhead_anchored[k]["flagged_overhead"]}
+                                    for k in ("cgce", "cgce+irece")}
+        out["overhead_anchored_concept"] = overhead_anchored["concept"]
         onnx = overhead["onnx_detection_ms_per_prompt"]
         out["onnx_ms_per_prompt"] = onnx["batch_1_median"]
         out["onnx_ms_per_prompt_real_shapes"] = {k.removeprefix("batch_1_median_"): v for k, v in onnx.items()
@@ -509,9 +527,12 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| IRECE: relative CRR reduction vs CGCE, {a} | ≥ 40 % | {pct(v)} |")
     lines.append(f"| CGCE+IRECE benign detector accuracy / unguarded | ≥ 95 % | {pct(acc['irece_benign_accuracy_ratio'])} |")
     if "overhead" in acc:
-        for k, v in acc["overhead"].items():
-            lines.append(f"| {k} added latency, benign prompt | ≤ 1 % | {pct(v['benign'])} |")
-            lines.append(f"| {k} added latency, flagged prompt | ≤ 5 % | {pct(v['flagged'])} |")
+        timed = [("overhead", acc.get("overhead_concept")), ("overhead_anchored", acc.get("overhead_anchored_concept"))]
+        for key, concept in timed:
+            for k, v in acc.get(key, {}).items():
+                on = f" ({concept}{', anchor_text re-encode' if key == 'overhead_anchored' else ''})" if concept else ""
+                lines.append(f"| {k} added latency, benign prompt{on} | ≤ 1 % | {pct(v['benign'])} |")
+                lines.append(f"| {k} added latency, flagged prompt{on} | ≤ 5 % | {pct(v['flagged'])} |")
         lines.append(f"| ONNX detection per prompt (CPU, batch 1, median), world 24x384 | < 0.5 ms | "
                      f"{acc['onnx_ms_per_prompt']:.3f} ms |")
         for shape, ms in acc.get("onnx_ms_per_prompt_real_shapes", {}).items():

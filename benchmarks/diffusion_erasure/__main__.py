@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
                         "results/cgce_subphrases/DECISION.md)")
     p.add_argument("--cgce-detection-head", action="store_true",
                    help="CGCE packs with a separate detection head attending to the concept's training synonyms")
+    p.add_argument("--anchor-text-dtype", default="bfloat16", choices=["pipeline", "bfloat16", "float16", "float32"],
+                   help="precision of the guard's anchor_text re-encoding ('pipeline': the pipeline's own; "
+                        "bfloat16 adopted in results/cgce_anchor_bf16/)")
     p.add_argument("--quick", action="store_true", help="few images/steps (CI smoke)")
     p.add_argument("--skip-eval", action="store_true", help="only tune (with --tune)")
     p.add_argument("--overhead-reps", type=int, default=30,
@@ -102,12 +105,14 @@ def main(argv: list[str] | None = None) -> int:
         for item in args.cgce_set:
             key, _, value = item.partition("=")
             cgce_hp = {**cgce_hp, key: json.loads(value)}
+        guard_options = {"anchor_text_dtype": None if args.anchor_text_dtype == "pipeline" else args.anchor_text_dtype}
+        reps = 2 if args.quick else args.overhead_reps
         if args.overhead_only:
             packs = de.calibrate_packs(world, concepts[:1], args.calibration_prompts, hp, cache, cgce_hp,
                                        anchor_text=not args.cgce_no_anchor_text,
                                        detection_head=args.cgce_detection_head,
                                        subphrases=not args.cgce_no_subphrases)
-            overhead = de.measure_overhead(world, packs, concepts[0], 2 if args.quick else args.overhead_reps)
+            overhead = de.measure_overhead(world, packs, concepts[0], reps, guard_options=guard_options)
             overhead["seconds"] = round(time.time() - t0, 1)
             (out / "overhead.json").write_text(json.dumps(overhead, indent=2) + "\n")
             for k in ("cgce", "cgce+irece"):
@@ -119,14 +124,19 @@ def main(argv: list[str] | None = None) -> int:
                                    anchor_text=not args.cgce_no_anchor_text,
                                    detection_head=args.cgce_detection_head,
                                    subphrases=not args.cgce_no_subphrases)
-        results = de.evaluate(world, packs, concepts, out, args.quick)
-        overhead = de.measure_overhead(world, packs, concepts[0], 2 if args.quick else args.overhead_reps)
+        results = de.evaluate(world, packs, concepts, out, args.quick, guard_options=guard_options)
+        overhead = de.measure_overhead(world, packs, concepts[0], reps, guard_options=guard_options)
+        anchored = de.anchored_concept(packs, concepts)
+        overhead_anchored = (de.measure_overhead(world, packs, anchored, reps, guard_options=guard_options)
+                             if anchored and anchored != concepts[0] else None)
         report = {"concepts": concepts, "irece_hyperparameters": hp, "cgce_hyperparameters": cgce_hp,
+                  "guard_options": guard_options,
                   "cgce_anchor_texts": {c: p["cgce"].hyperparameters.get("anchor_text") for c, p in packs.items()},
                   "cgce_detection_head": args.cgce_detection_head,
                   "cgce_subphrases": {c: p["cgce"].concept.metadata.get("subphrases") for c, p in packs.items()},
-                  "results": results, "overhead": overhead, "seconds": round(time.time() - t0, 1)}
-        report["acceptance"] = de.acceptance(results, overhead)
+                  "results": results, "overhead": overhead, "overhead_anchored": overhead_anchored,
+                  "seconds": round(time.time() - t0, 1)}
+        report["acceptance"] = de.acceptance(results, overhead, overhead_anchored)
     (out / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     table = de.markdown(report)
     (out / "table.md").write_text(table + "\n")
