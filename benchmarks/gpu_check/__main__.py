@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--d-batches", default="1,4", help="section D: batch sizes to time")
     parser.add_argument("--d-warmup-s", type=float, default=10.0,
                         help="section D on CUDA: seconds of UNet forwards before timing (raises the GPU's idle clock)")
+    parser.add_argument("--d-anchor-text-dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                        help="section D: precision of the anchored guard's re-encoding (default: the pipeline's own)")
     args = parser.parse_args(argv)
 
     import torch
@@ -179,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
                 "D",
                 "diffusers guard, SD1.5-sized random pipeline (fp16 on CUDA)",
                 lambda s: sd15.run(s, device, args.quick, args.clip_tokenizer, budget_s=args.d_budget, reps=args.d_reps,
-                                  batches=tuple(int(b) for b in args.d_batches.split(",")), warmup_s=args.d_warmup_s),
+                                  batches=tuple(int(b) for b in args.d_batches.split(",")), warmup_s=args.d_warmup_s,
+                                  anchor_text_dtype=args.d_anchor_text_dtype),
             )
         )
     for key, title, fn in plan:

@@ -110,7 +110,8 @@ def _prompts() -> Any:
 
 
 def run(sec: Section, device: torch.device, quick: bool, tokenizer: str | None, budget_s: float = 90.0,
-        reps: int = 5, batches: tuple[int, ...] = (1, 4), warmup_s: float = 10.0) -> None:
+        reps: int = 5, batches: tuple[int, ...] = (1, 4), warmup_s: float = 10.0,
+        anchor_text_dtype: str | None = None) -> None:
     import diffusers
 
     from erasekit import Concept
@@ -153,8 +154,9 @@ def run(sec: Section, device: torch.device, quick: bool, tokenizer: str | None, 
     anchored_pack = dataclasses.replace(pack, hyperparameters={**pack.hyperparameters, "anchor_text": ANCHOR_TEXT},
                                         source=None)
     anchored_pack.validate()
-    ga = guard(pipe, [anchored_pack])
+    ga = guard(pipe, [anchored_pack], anchor_text_dtype=anchor_text_dtype)
     ga.detach()
+    sec.report("anchor_text_dtype (the anchored guard's re-encoding)", anchor_text_dtype or "the pipeline's own")
     g = guard(pipe, [pack])
     kw = {"num_inference_steps": steps, "height": size, "width": size, "guidance_scale": 7.5, "output_type": "np"}
     gen_device = device if device.type == "cuda" else torch.device("cpu")
