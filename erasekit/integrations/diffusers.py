@@ -507,9 +507,10 @@ class DiffusersGuard:
         mandatory: shortcut to mark concepts mandatory without writing a policy.
         anchor_text_dtype: precision the text encoder runs in (under ``torch.autocast``) when
             ``anchor_text`` re-encodes flagged prompts; ``None`` (default) runs the pipeline's own.
-            The re-encoding is one text-encoder pass per flagged call, which refinement then moves far
-            more than bf16 rounding does: ``"bfloat16"`` halves its cost on CPUs with native bf16
-            (a float32 pipeline on CPU is where that pass weighs most). Benign calls never re-encode.
+            The re-encoding is one text-encoder pass per flagged call, and refinement then moves its
+            rows far more than bf16 rounding does: ``"bfloat16"`` makes that pass cheaper on CPUs with
+            native bf16, where a float32 pipeline's text encoder weighs most (docs/diffusion.md has
+            the measured cost and erasure). Benign calls never re-encode.
 
     ``guard(prompt, erase=[...])`` erases the listed concepts (plus the mandatory ones) for every
     prompt; ``erase=[[...], [...]]`` gives one list per prompt. Use as a context manager to
