@@ -81,6 +81,21 @@ def test_re_encoding_runs_once_per_prompt_not_per_image(pipe, pack, monkeypatch)
     assert seen[-1] == [BLUE, RED + " green"]
 
 
+def test_images_of_one_prompt_flagged_differently_are_encoded_per_image(pipe, pack, monkeypatch):
+    """Images of one prompt share its conditioning, so they are flagged alike; should a classifier ever
+    split them, each image row is re-encoded with its own texts rather than borrowing its sibling's."""
+    with first_conditioning(pipe) as seen, guard(pipe, [_with(pack, anchor_text="green", max_steps=0)]) as g:
+        clf = g._classifiers["red"]
+        real = clf.scores
+        # CFG rows: 4 uncond, then BLUE, BLUE, RED, RED; flag only the second RED image
+        monkeypatch.setattr(clf, "scores", lambda e: real(e) * [0, 0, 0, 0, 0, 0, 0, 1])
+        g([BLUE, RED], generator=_gen(), erase=["red"], num_images_per_prompt=2, **KW)
+        assert g.last_report.anchored == {"red": [7]}
+    expected = _encode(pipe, [BLUE, BLUE, RED, RED + " green"])
+    assert torch.equal(seen[0][7], expected[3])
+    assert torch.equal(seen[0][6], _encode(pipe, [BLUE, RED])[1])  # its unflagged sibling: the pipeline's row
+
+
 def test_anchor_text_dtype_runs_the_re_encoding_in_that_precision(pipe, pack):
     anchored = _with(pack, anchor_text="green", max_steps=0)
     _, cond, report = guarded_first_conditioning(pipe, [anchored], [RED, BLUE], ["red"],
