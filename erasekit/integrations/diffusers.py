@@ -43,6 +43,7 @@ from erasekit.guardrails.faults import handle_guard_fault
 from erasekit.guardrails.fingerprint import ModelFingerprint, hash_embedding_slice
 from erasekit.guardrails.pack import ConceptPack
 from erasekit.guardrails.policy import Policy, PolicyEntry
+from erasekit.integrations.cast_weights import CastWeights
 from erasekit.steering import irece as irece_math
 
 logger = logging.getLogger("erasekit.diffusers")
@@ -507,6 +508,8 @@ class DiffusersGuard:
         mandatory: shortcut to mark concepts mandatory without writing a policy.
         anchor_text_dtype: precision the text encoder runs in (under ``torch.autocast``) when
             ``anchor_text`` re-encodes flagged prompts; ``None`` (default) runs the pipeline's own.
+            A float32 text encoder's linear weights are then also held in that precision (half their
+            size again), so the pass does not cast them on every call.
             The re-encoding is one text-encoder pass per flagged call, and refinement then moves its
             rows far more than bf16 rounding does: ``"bfloat16"`` makes that pass cheaper on CPUs with
             native bf16, where a float32 pipeline's text encoder weighs most (docs/diffusion.md has
@@ -527,6 +530,8 @@ class DiffusersGuard:
     ) -> None:
         self.pipe = pipe
         self.anchor_text_dtype = _anchor_text_dtype(anchor_text_dtype)
+        #: the text encoders' linear weights in ``anchor_text_dtype``, made at the first anchored call
+        self._cast_weights = CastWeights(self.anchor_text_dtype or torch.float32)
         self._lock = threading.RLock()
         self._local = threading.local()  # each thread sees only its own calls/blocks
         self._attached = False
@@ -938,11 +943,17 @@ class DiffusersGuard:
                                 "call the pipeline with prompt= and its default encoding options, or drop anchor_text")
         return encoded.to(like.device, like.dtype)
 
-    def _reencode_precision(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-        """Autocast to ``anchor_text_dtype`` for the re-encoding, or nothing (the pipeline's own precision)."""
+    @contextlib.contextmanager
+    def _reencode_precision(self, device: torch.device) -> Iterator[None]:
+        """Autocast to ``anchor_text_dtype`` for the re-encoding, or nothing (the pipeline's own precision).
+        The text encoders' float32 linear weights are cast once and kept (:class:`CastWeights`)."""
         if self.anchor_text_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=self.anchor_text_dtype)
+            yield
+            return
+        encoders = [m for name, m in self.pipe.components.items()
+                    if name.startswith("text_encoder") and isinstance(m, torch.nn.Module)]
+        with self._cast_weights.swapped(encoders), torch.autocast(device_type=device.type, dtype=self.anchor_text_dtype):
+            yield
 
     def _cfg_images(self, state: _CallState, out: torch.Tensor) -> int | None:
         """Images of a pipeline call whose conditioning ``out`` is CFG's ``[uncond, cond]`` batch, else None
