@@ -2,7 +2,8 @@
 """The adopted CGCE configuration (s13b) on 8 fresh draws per concept: direct and paraphrase CRR with
 bootstrap intervals (README.md). Usage: ``PYTHONPATH=. python .../crr_precision/run.py [DRAWS]``.
 Another run's packs: ``PACKS=bench_out/diffusion-erasure-s15/packs SUFFIX=-sub TAG=_s15`` (writes
-``crr_precision_s15.{json,md}``)."""
+``crr_precision_s15.{json,md}``). ``ANCHOR_TEXT_DTYPE=bfloat16``: the guard re-encodes anchored prompts in bf16
+(the benchmark's setting since s16; default: the pipeline's own precision, as in the earlier files)."""
 import json, os, sys, time
 os.environ.setdefault("HF_HUB_OFFLINE", "1"); os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from pathlib import Path
@@ -19,6 +20,7 @@ from erasekit.testing.diffusion_world import load_world
 DRAWS = int(sys.argv[1]) if len(sys.argv) > 1 else 8
 PACKS = os.environ.get("PACKS", "bench_out/diffusion-erasure-s13b/packs")
 SUFFIX, TAG = os.environ.get("SUFFIX", ""), os.environ.get("TAG", "")
+ANCHOR_TEXT_DTYPE = os.environ.get("ANCHOR_TEXT_DTYPE") or None
 N, ATTACKS = 12, ("direct", "paraphrase")
 t0 = time.time()
 with de.quiet_libraries():
@@ -30,7 +32,7 @@ with de.quiet_libraries():
         if (text := W.anchor_text(c)):
             pack = de.with_hyperparameters(pack, anchor_text=text)
         spec = {"direct": W.direct_specs, "paraphrase": W.heldout_specs}
-        with guard(W.pipe, [pack]) as g:
+        with guard(W.pipe, [pack], anchor_text_dtype=ANCHOR_TEXT_DTYPE) as g:
             for attack in ATTACKS:
                 for arm in ("unguarded", "cgce"):
                     found[(c, attack, arm)] = []
@@ -48,11 +50,12 @@ def summary(attack, arm):
     boots = [np.mean([rng.choice(v, len(v)).mean() for v in per.values()]) for _ in range(2000)]
     return {"per_concept": {c: float(v.mean()) for c, v in per.items()}, "mean": float(np.mean([v.mean() for v in per.values()])),
             "ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))], "n_per_concept": len(next(iter(per.values())))}
-res = {"packs": f"{PACKS}/*-cgce-v2-300{SUFFIX}", "draws": DRAWS, "prompts_per_draw": N, "hp": hp, "seconds": round(time.time() - t0, 1),
+res = {"packs": f"{PACKS}/*-cgce-v2-300{SUFFIX}", "anchor_text_dtype": ANCHOR_TEXT_DTYPE, "draws": DRAWS, "prompts_per_draw": N, "hp": hp, "seconds": round(time.time() - t0, 1),
        "crr": {a: {arm: summary(a, arm) for arm in ("unguarded", "cgce")} for a in ATTACKS}}
 out = Path(__file__).parent
 (out / f"crr_precision{TAG}.json").write_text(json.dumps(res, indent=1) + "\n")
-lines = [f"CRR % on {DRAWS} fresh draws x {N} prompts per concept (seed 1000 i + 100000 k), CGCE packs {PACKS}/*-cgce-v2-300{SUFFIX} with anchor text on styles", "",
+lines = [f"CRR % on {DRAWS} fresh draws x {N} prompts per concept (seed 1000 i + 100000 k), CGCE packs {PACKS}/*-cgce-v2-300{SUFFIX} with anchor text on styles"
+         + (f" (re-encoded in {ANCHOR_TEXT_DTYPE})" if ANCHOR_TEXT_DTYPE else ""), "",
          "| attack | arm | " + " | ".join(de.EVAL_CONCEPTS) + " | mean | 95 % bootstrap |", "|---|---|" + "---|" * (len(de.EVAL_CONCEPTS) + 2)]
 for a in ATTACKS:
     for arm in ("unguarded", "cgce"):
