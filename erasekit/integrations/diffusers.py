@@ -508,12 +508,12 @@ class DiffusersGuard:
         mandatory: shortcut to mark concepts mandatory without writing a policy.
         anchor_text_dtype: precision the text encoder runs in (under ``torch.autocast``) when
             ``anchor_text`` re-encodes flagged prompts; ``None`` (default) runs the pipeline's own.
-            A float32 text encoder's linear weights are then also held in that precision (half their
-            size again), so the pass does not cast them on every call.
             The re-encoding is one text-encoder pass per flagged call, and refinement then moves its
             rows far more than bf16 rounding does: ``"bfloat16"`` makes that pass cheaper on CPUs with
             native bf16, where a float32 pipeline's text encoder weighs most (docs/diffusion.md has
-            the measured cost and erasure). Benign calls never re-encode.
+            the measured cost and erasure). The guard then keeps a copy of a float32 text encoder's
+            linear weights in that precision (half their float32 size, made at the first anchored
+            call) so the pass does not cast them every time. Benign calls never re-encode.
 
     ``guard(prompt, erase=[...])`` erases the listed concepts (plus the mandatory ones) for every
     prompt; ``erase=[[...], [...]]`` gives one list per prompt. Use as a context manager to
@@ -531,7 +531,7 @@ class DiffusersGuard:
         self.pipe = pipe
         self.anchor_text_dtype = _anchor_text_dtype(anchor_text_dtype)
         #: the text encoders' linear weights in ``anchor_text_dtype``, made at the first anchored call
-        self._cast_weights = CastWeights(self.anchor_text_dtype or torch.float32)
+        self._cast_weights = CastWeights(self.anchor_text_dtype) if self.anchor_text_dtype else None
         self._lock = threading.RLock()
         self._local = threading.local()  # each thread sees only its own calls/blocks
         self._attached = False
@@ -947,12 +947,12 @@ class DiffusersGuard:
     def _reencode_precision(self, device: torch.device) -> Iterator[None]:
         """Autocast to ``anchor_text_dtype`` for the re-encoding, or nothing (the pipeline's own precision).
         The text encoders' float32 linear weights are cast once and kept (:class:`CastWeights`)."""
-        if self.anchor_text_dtype is None:
+        if self._cast_weights is None:
             yield
             return
         encoders = [m for name, m in self.pipe.components.items()
                     if name.startswith("text_encoder") and isinstance(m, torch.nn.Module)]
-        with self._cast_weights.swapped(encoders), torch.autocast(device_type=device.type, dtype=self.anchor_text_dtype):
+        with self._cast_weights.swapped(encoders), torch.autocast(device_type=device.type, dtype=self._cast_weights.dtype):
             yield
 
     def _cfg_images(self, state: _CallState, out: torch.Tensor) -> int | None:
